@@ -1,0 +1,382 @@
+"""Autograd Function and chunk planner for the fused linear + cross-entropy head.
+
+Design (a "hybrid" head): the valid (non-ignored) rows are compacted and walked in chunks of C rows.
+Per chunk, cuBLAS computes logits [C, V] into one reused buffer; one fused row kernel (Triton, or
+its torch twin) computes LSE / loss / entropy / top-1 and overwrites the buffer with d(logits); then
+cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @ h_chunk.
+
+* Eager gradients: for reduction mean/sum (and for "none" when only hidden needs a gradient) every
+  gradient is produced in the forward, unscaled; backward only multiplies by grad_output (and by
+  1/denominator for mean), so a step costs 2 GEMMs with a frozen W (LoRA) and 3 with a trainable W,
+  each over the valid rows only.
+* Deferred gradients: reduction "none" with a trainable W or bias needs a per-token upstream grad
+  inside the dW sum, so the forward computes losses only and the backward recomputes the logits.
+* Memory: the workspace is one [C, V] logits buffer plus two [C, H] row buffers; C is planned from
+  the shape, the dtype and the free device memory (``_workspace_budget``), never the N x V logits.
+* dW accumulation: inside each chunk cuBLAS accumulates over the chunk's C rows in fp32. Across
+  chunks, an fp32 [V, H] accumulator is used when W is fp32, when asked for (``dw_accum="fp32"``),
+  or ("auto") when it fits the workspace budget; otherwise partial sums are added in W's dtype
+  (one rounding per chunk, ~N/C of them) - an fp32 accumulator for a 128k x 4k head is 2 GB,
+  eight times the memory budget. See benchmarks/notes_fused_ce.md for the measured error.
+* Host syncs: one, ``torch.nonzero`` on the label mask (the number of valid rows sizes the loop).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+# The project's target for extra peak memory is 256 MiB; leave room for the per-token vectors.
+_DEFAULT_WORKSPACE_CAP = 240 << 20
+# Fraction of the currently available device memory the workspace may take.
+_FREE_MEMORY_FRACTION = 8
+
+
+class CEStats(NamedTuple):
+    """Result of :func:`fused_linear_cross_entropy_stats`."""
+
+    loss: torch.Tensor  # reduced loss, or per-token [N] fp32 (0 at ignored rows) for "none"
+    entropy: torch.Tensor  # [N] fp32, detached, 0 at ignored rows
+    is_top1: torch.Tensor  # [N] bool, detached, False at ignored rows
+
+
+@dataclass(frozen=True)
+class _Opts:
+    ignore_index: int
+    reduction: str
+    softcap: float | None
+    logit_scale: float
+    smoothing: float
+    backend: str
+    compute_dtype: torch.dtype
+    chunk_rows: int | None
+    dw_accum: str
+    want_stats: bool
+    need_h: bool
+    need_w: bool
+    need_b: bool
+
+
+def _pick_backend(device: torch.device, requested: str | None) -> str:
+    choice = requested or os.environ.get("SFT_PLUGINS_CE_BACKEND", "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown backend {choice!r}; use 'auto', 'triton' or 'torch'")
+    if choice != "auto":
+        return choice
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "triton"
+    return "torch"
+
+
+def _row_fn(backend: str) -> Callable[..., None]:
+    if backend == "triton":
+        from ._triton_ce import ce_rows_triton  # lazy: TRITON_INTERPRET is read at decoration
+
+        return ce_rows_triton
+    from ._torch_ce import ce_rows_torch
+
+    return ce_rows_torch
+
+
+def _workspace_budget(device: torch.device) -> int:
+    env = os.environ.get("SFT_PLUGINS_CE_WORKSPACE_MB")
+    if env:
+        return int(float(env) * (1 << 20))
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(1 << 20, min(_DEFAULT_WORKSPACE_CAP, (free + cached) // _FREE_MEMORY_FRACTION))
+    return _DEFAULT_WORKSPACE_CAP
+
+
+def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int) -> int:
+    """Rows per chunk: as many as the budget allows (bigger GEMMs, fewer dW roundings), balanced."""
+    per_row = V * elt + 2 * H * elt + 32
+    if backend == "torch":
+        per_row += 4 * V * 4  # fp32 temporaries of the torch row path
+    rows = max(1, min(n, budget // per_row))
+    if n <= rows:
+        return max(n, 1)
+    chunks = math.ceil(n / rows)
+    balanced = math.ceil(n / chunks)
+    return min(rows, (balanced + 7) // 8 * 8) if balanced >= 8 else balanced
+
+
+_FP32_OUT_MM_OK = True  # flips off once if this torch lacks CUDA mm/addmm with out_dtype
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    global _FP32_OUT_MM_OK
+    if a.is_cuda and a.dtype != torch.float32 and _FP32_OUT_MM_OK:
+        try:
+            return torch.ops.aten.mm.dtype(a, b, torch.float32)
+        except (RuntimeError, AttributeError):
+            _FP32_OUT_MM_OK = False
+    return torch.mm(a.float(), b.float())
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    global _FP32_OUT_MM_OK
+    if a.is_cuda and a.dtype != torch.float32 and _FP32_OUT_MM_OK:
+        try:  # bf16 x bf16 -> fp32 C in place: no [V, H] temporary
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except (RuntimeError, AttributeError):
+            _FP32_OUT_MM_OK = False
+    acc.add_(_mm_fp32(a, b))
+
+
+def _dw_acc_dtype(opts: _Opts, w_dtype: torch.dtype, V: int, H: int, budget: int) -> torch.dtype:
+    cdt = opts.compute_dtype
+    if w_dtype == torch.float32 or cdt == torch.float32:
+        return torch.float32
+    mode = opts.dw_accum
+    if mode == "fp32":
+        return torch.float32
+    if mode == "native":
+        return cdt
+    return torch.float32 if V * H * 4 <= budget // 2 else cdt
+
+
+def _chunk_loop(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    idx: torch.Tensor,
+    opts: _Opts,
+    w_dtype: torch.dtype,
+    *,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    row_scale: torch.Tensor | None,
+    loss_out: torch.Tensor,
+    ent_out: torch.Tensor | None,
+    top1_out: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    N, H = h.shape
+    V = w.shape[0]
+    dev, cdt = h.device, h.dtype
+    n_valid = idx.numel()
+    contiguous = n_valid == N  # no ignored rows: slices instead of gathers
+    budget = _workspace_budget(dev)
+    acc_dtype = _dw_acc_dtype(opts, w_dtype, V, H, budget) if need_w else cdt
+    if need_w and acc_dtype != cdt:
+        budget = max(budget - V * H * 4, 1 << 20)
+    dh = None
+    if need_h:
+        dh = (torch.empty if contiguous else torch.zeros)(N, H, dtype=cdt, device=dev)
+    db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
+    dw: torch.Tensor | None = None
+    write_grad = need_h or need_w or need_b
+    if n_valid:
+        rows = opts.chunk_rows or _plan_chunk_rows(
+            n_valid, V, H, h.element_size(), opts.backend, budget
+        )
+        rows = min(rows, n_valid)
+        buf = torch.empty(rows, V, dtype=cdt, device=dev)
+        row_fn = _row_fn(opts.backend)
+        wt = w.t()
+        for start in range(0, n_valid, rows):
+            end = min(start + rows, n_valid)
+            r = idx[start:end]
+            hc = h[start:end] if contiguous else h.index_select(0, r)
+            lg = buf[: end - start]
+            torch.mm(hc, wt, out=lg)
+            row_fn(
+                lg, r, labels, bias, row_scale, loss_out, ent_out, top1_out,
+                logit_scale=opts.logit_scale, softcap=opts.softcap, smoothing=opts.smoothing,
+                write_grad=write_grad,
+            )
+            if need_b:
+                db += lg.sum(0, dtype=torch.float32)
+            if need_h:
+                if contiguous:
+                    torch.mm(lg, w, out=dh[start:end])
+                else:
+                    dh.index_copy_(0, r, torch.mm(lg, w))
+            if need_w:
+                if dw is None:
+                    dw = torch.mm(lg.t(), hc) if acc_dtype == cdt else _mm_fp32(lg.t(), hc)
+                elif dw.dtype == cdt:
+                    dw.addmm_(lg.t(), hc)
+                else:
+                    _addmm_fp32_(dw, lg.t(), hc)
+        del buf
+    if need_w and dw is None:
+        dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)
+    return dh, dw, db
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        denom: torch.Tensor | None,
+        opts: _Opts,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dev = hidden.device
+        with torch.autocast(device_type=dev.type, enabled=False):
+            cdt = opts.compute_dtype
+            h = hidden.to(cdt).contiguous()
+            w = weight.to(cdt)
+            N = h.shape[0]
+            # The one host sync: the number of valid rows sizes the chunk loop (ignored rows cost
+            # no GEMM work). Everything else stays on the device.
+            idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
+            n_valid = idx.numel()
+            loss_rows = torch.zeros(N, dtype=torch.float32, device=dev)
+            if opts.want_stats:
+                ent = torch.zeros(N, dtype=torch.float32, device=dev)
+                top1 = torch.zeros(N, dtype=torch.uint8, device=dev)
+            else:
+                ent = torch.empty(0, dtype=torch.float32, device=dev)
+                top1 = torch.empty(0, dtype=torch.uint8, device=dev)
+            deferred = opts.reduction == "none" and (opts.need_w or opts.need_b)
+            eager = not deferred
+            dh, dw, db = _chunk_loop(
+                h, w, bias, labels, idx, opts, weight.dtype,
+                need_h=eager and opts.need_h, need_w=eager and opts.need_w,
+                need_b=eager and opts.need_b, row_scale=None, loss_out=loss_rows,
+                ent_out=ent if opts.want_stats else None,
+                top1_out=top1 if opts.want_stats else None,
+            )
+            inv: float | torch.Tensor = 1.0
+            if opts.reduction == "none":
+                out = loss_rows
+            elif opts.reduction == "sum":
+                out = loss_rows.sum()
+            else:
+                if denom is None:
+                    inv = 1.0 / max(n_valid, 1)  # all ignored -> 0 / 1 = 0, not NaN
+                else:
+                    inv = 1.0 / torch.where(denom == 0, torch.ones_like(denom), denom)
+                out = loss_rows.sum() * inv
+        ctx.opts = opts
+        ctx.deferred = deferred
+        ctx.inv = inv
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.dh, ctx.dw, ctx.db = dh, dw, db
+        if deferred:
+            ctx.save_for_backward(h, w, bias, labels, idx)
+        top1_bool = top1.view(torch.bool)
+        ctx.mark_non_differentiable(ent, top1_bool)
+        return out, ent, top1_bool
+
+    @staticmethod
+    def backward(ctx, g_out: torch.Tensor, _g_ent: torch.Tensor, _g_top1: torch.Tensor):  # type: ignore[override]
+        opts: _Opts = ctx.opts
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        dev = g_out.device
+        with torch.autocast(device_type=dev.type, enabled=False):
+            if ctx.deferred:
+                h, w, bias, labels, idx = ctx.saved_tensors
+                scratch = torch.empty(h.shape[0], dtype=torch.float32, device=dev)
+                dh, dw, db = _chunk_loop(
+                    h, w, bias, labels, idx, opts, w_dtype,
+                    need_h=opts.need_h, need_w=opts.need_w, need_b=opts.need_b,
+                    row_scale=g_out.float().contiguous(), loss_out=scratch,
+                    ent_out=None, top1_out=None,
+                )
+                if dw is not None:
+                    dw = dw.to(w_dtype)
+            else:
+                dh, dw, db = ctx.dh, ctx.dw, ctx.db
+                ctx.dh = ctx.dw = ctx.db = None  # let autograd take the buffers over
+                if opts.reduction == "none":  # only hidden needs a grad here: per-row scale
+                    if dh is not None:
+                        dh.mul_(g_out.to(dh.dtype)[:, None])
+                else:
+                    g = g_out.float() * ctx.inv
+                    if dh is not None:
+                        dh.mul_(g)
+                    if dw is not None:
+                        dw = dw.mul_(g) if dw.dtype == w_dtype else (dw * g).to(w_dtype)
+                    if db is not None:
+                        db.mul_(g)
+            if dh is not None and dh.dtype != h_dtype:
+                dh = dh.to(h_dtype)
+            if db is not None and b_dtype is not None:
+                db = db.to(b_dtype)
+        return dh, dw, db, None, None, None
+
+
+def _apply(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    softcap: float | None,
+    logit_scale: float,
+    label_smoothing: float,
+    num_items_in_batch: int | float | torch.Tensor | None,
+    want_stats: bool,
+    backend: str | None,
+    chunk_rows: int | None,
+    dw_accum: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"softcap must be positive or None, got {softcap}")
+    H = hidden.shape[-1]
+    if weight.dim() != 2 or weight.shape[1] != H:
+        raise ValueError(f"weight must be [V, {H}], got {tuple(weight.shape)}")
+    h2 = hidden.reshape(-1, H)
+    y = labels.reshape(-1)
+    if y.shape[0] != h2.shape[0]:
+        raise ValueError(f"{h2.shape[0]} hidden rows but {y.shape[0]} labels")
+    if y.device != h2.device:
+        y = y.to(h2.device)
+    dev = h2.device
+    grad = torch.is_grad_enabled()
+    if torch.is_autocast_enabled(dev.type):
+        cdt = torch.get_autocast_dtype(dev.type)
+    else:
+        cdt = torch.promote_types(hidden.dtype, weight.dtype)
+    mode = dw_accum or os.environ.get("SFT_PLUGINS_CE_DW_ACCUM", "auto")
+    if mode not in ("auto", "fp32", "native"):
+        raise ValueError(f"dw_accum must be 'auto', 'fp32' or 'native', got {mode!r}")
+    opts = _Opts(
+        ignore_index=int(ignore_index),
+        reduction=reduction,
+        softcap=float(softcap) if softcap else None,
+        logit_scale=float(logit_scale),
+        smoothing=float(label_smoothing),
+        backend=_pick_backend(dev, backend),
+        compute_dtype=cdt,
+        chunk_rows=chunk_rows,
+        dw_accum=mode,
+        want_stats=want_stats,
+        need_h=grad and hidden.requires_grad,
+        need_w=grad and weight.requires_grad,
+        need_b=grad and bias is not None and bias.requires_grad,
+    )
+    denom = None
+    if reduction == "mean" and num_items_in_batch is not None:
+        # HF semantics: sum / num_items_in_batch; a tensor may live on another device (no sync)
+        denom = torch.as_tensor(num_items_in_batch).to(dev, torch.float32, non_blocking=True)
+    loss, ent, top1 = _FusedLinearCE.apply(h2, weight, bias, y, denom, opts)
+    if reduction == "none":
+        loss = loss.view(labels.shape)
+    return loss, ent, top1

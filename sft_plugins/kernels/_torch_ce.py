@@ -1,0 +1,62 @@
+"""Pure-torch twin of ``_triton_ce.ce_rows_triton`` (CPU without ``TRITON_INTERPRET``, or forced).
+
+Same contract: fill per-token loss / entropy / top-1 at ``rows`` and, if asked, overwrite the logits
+chunk in place with d(loss_row)/d(logits). Works in fp32 on a copy of the chunk (the chunk size is
+planned with these temporaries counted, see ``_function._plan_chunk_rows``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ce_rows_torch(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    loss_out: torch.Tensor,
+    ent_out: torch.Tensor | None,
+    top1_out: torch.Tensor | None,
+    *,
+    logit_scale: float,
+    softcap: float | None,
+    smoothing: float,
+    write_grad: bool,
+) -> None:
+    C, V = logits.shape
+    if C == 0:
+        return
+    z = logits.float()
+    if bias is not None:
+        z = z + bias.float()
+    z = z * logit_scale
+    th = None
+    if softcap:
+        th = torch.tanh(z / softcap)
+        z = softcap * th
+    lse = torch.logsumexp(z, dim=-1)
+    y = labels.index_select(0, rows).long()
+    zy = z.gather(1, y[:, None]).squeeze(1)
+    if smoothing:
+        loss = lse - (1.0 - smoothing) * zy - smoothing * z.mean(-1)
+    else:
+        loss = lse - zy
+    loss_out.index_copy_(0, rows, loss)
+    p = torch.exp(z - lse[:, None])
+    if ent_out is not None and top1_out is not None:
+        ent_out.index_copy_(0, rows, lse - (p * z).sum(-1))
+        # same rule as the Triton kernel: a tie with the max counts as a hit
+        top1_out.index_copy_(0, rows, (zy >= z.amax(-1)).to(top1_out.dtype))
+    if write_grad:
+        d = p
+        if smoothing:
+            d -= smoothing / V
+        d.scatter_add_(1, y[:, None], torch.full_like(zy[:, None], -(1.0 - smoothing)))
+        if th is not None:
+            d *= 1.0 - th * th
+        d *= logit_scale
+        if row_scale is not None:
+            d *= row_scale.index_select(0, rows).float()[:, None]
+        logits.copy_(d)

@@ -1,0 +1,184 @@
+"""Triton row kernel: softmax statistics, per-token loss and d(logits) for one chunk of logits.
+
+The big products (logits = h @ W^T, dH = dlogits @ W, dW += dlogits^T @ h) run on cuBLAS through
+``torch.mm``; this kernel is the memory-bound part in between. One program handles one row of the
+chunk: pass 1 streams the row once and keeps an online max / sum-exp (fp32), plus what entropy and
+label smoothing need; pass 2 (only when gradients are wanted) streams it again and overwrites the
+logits *in place* with d(loss_row)/d(logits), so no second [C, V] buffer exists.
+
+Works unchanged under ``TRITON_INTERPRET=1`` on CPU tensors (only elementwise ops and reductions;
+no ``tl.dot``, no libdevice: tanh is written with ``tl.sigmoid`` because libdevice's import path
+differs between Triton 3.6 and 3.9 and does not exist in the interpreter).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 2*sigmoid(2x) - 1; absolute error ~1e-7, which is what matters after * softcap
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _ce_rows_kernel(
+    logits_ptr,  # [C, V] chunk (bf16/fp16/fp32); overwritten with d(loss)/d(logits) if WRITE_GRAD
+    stride_row,
+    rows_ptr,  # [C] int64: the chunk row's index into the full-N outputs and labels
+    labels_ptr,  # [N] int: labels of the full batch
+    bias_ptr,  # [V] or dummy
+    row_scale_ptr,  # [N] fp32 per-token upstream grad (reduction="none", deferred mode) or dummy
+    loss_ptr,  # [N] fp32 out: per-token loss
+    ent_ptr,  # [N] fp32 out: entropy (WANT_STATS)
+    top1_ptr,  # [N] uint8 out: label is the argmax (WANT_STATS)
+    V,
+    logit_scale,
+    softcap,
+    smoothing,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    out_row = tl.load(rows_ptr + pid)
+    label = tl.load(labels_ptr + out_row).to(tl.int64)
+    base = logits_ptr + pid.to(tl.int64) * stride_row
+
+    # ---- pass 1: online max / sum-exp (and sum p*z, sum z) in fp32 -------------------------
+    m = float("-inf")
+    s = 0.0
+    t = 0.0  # sum exp(z - m) * z, for the entropy
+    sz = 0.0  # sum z, for label smoothing
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        z = x * logit_scale
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        zm = tl.where(mask, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, 0))
+        e = tl.exp(zm - m_new)  # masked lanes: exp(-inf) = 0
+        alpha = tl.exp(m - m_new)
+        s = s * alpha + tl.sum(e, 0)
+        if WANT_STATS:
+            t = t * alpha + tl.sum(tl.where(mask, e * z, 0.0), 0)
+        if SMOOTH:
+            sz += tl.sum(tl.where(mask, z, 0.0), 0)
+        m = m_new
+    lse = m + tl.log(s)
+
+    # the label's logit, transformed the same way
+    xy = tl.load(base + label).to(tl.float32)
+    if HAS_BIAS:
+        xy += tl.load(bias_ptr + label).to(tl.float32)
+    zy = xy * logit_scale
+    if HAS_SOFTCAP:
+        zy = softcap * _tanh(zy / softcap)
+    if SMOOTH:
+        loss = lse - (1.0 - smoothing) * zy - smoothing * sz / V
+    else:
+        loss = lse - zy
+    tl.store(loss_ptr + out_row, loss)
+    if WANT_STATS:
+        tl.store(ent_ptr + out_row, lse - t / s)
+        # argmax == label, up to exact ties (a tie counts as a hit)
+        tl.store(top1_ptr + out_row, (zy >= m).to(tl.uint8))
+
+    # ---- pass 2: d(loss_row)/d(logits) = (p - smoothing/V - (1-smoothing)*onehot) * dz/dx ----
+    if WRITE_GRAD:
+        g = logit_scale
+        if HAS_ROW_SCALE:
+            g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_BIAS:
+                x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            z = x * logit_scale
+            if HAS_SOFTCAP:
+                th = _tanh(z / softcap)
+                z = softcap * th
+            d = tl.exp(z - lse)
+            if SMOOTH:
+                d = d - smoothing / V
+                d = tl.where(offs == label, d - (1.0 - smoothing), d)
+            else:
+                d = tl.where(offs == label, d - 1.0, d)
+            if HAS_SOFTCAP:
+                d = d * (1.0 - th * th)
+            d = d * g
+            tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_v(V: int, interpret: bool) -> int:
+    env = os.environ.get("SFT_PLUGINS_CE_BLOCK_V")
+    if env:
+        return int(env)
+    # GPU: 4096-wide blocks keep 16 B/lane loads with 8 warps and few loop trips; interpreter:
+    # cost grows with loop trips, so take the whole (small) row in one block
+    cap = 1 << 14 if interpret else 4096
+    return min(triton.next_power_of_2(V), cap)
+
+
+def ce_rows_triton(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_scale: torch.Tensor | None,
+    loss_out: torch.Tensor,
+    ent_out: torch.Tensor | None,
+    top1_out: torch.Tensor | None,
+    *,
+    logit_scale: float,
+    softcap: float | None,
+    smoothing: float,
+    write_grad: bool,
+) -> None:
+    """Fill loss/entropy/top1 at ``rows`` and (optionally) turn ``logits`` into d(logits) in place."""
+    C, V = logits.shape
+    if C == 0:
+        return
+    assert logits.stride(1) == 1
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    want_stats = ent_out is not None
+    dummy = loss_out  # never read when the matching flag is off
+    block = _block_v(V, interpret)
+    num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or (8 if block >= 2048 else 4)
+    _ce_rows_kernel[(C,)](
+        logits,
+        logits.stride(0),
+        rows,
+        labels,
+        bias if bias is not None else dummy,
+        row_scale if row_scale is not None else dummy,
+        loss_out,
+        ent_out if want_stats else dummy,
+        top1_out if want_stats else dummy,
+        V,
+        float(logit_scale),
+        float(softcap) if softcap else 1.0,
+        float(smoothing),
+        HAS_BIAS=bias is not None,
+        HAS_SOFTCAP=bool(softcap),
+        SMOOTH=smoothing != 0.0,
+        HAS_ROW_SCALE=row_scale is not None,
+        WRITE_GRAD=write_grad,
+        WANT_STATS=want_stats,
+        BLOCK_V=block,
+        num_warps=num_warps,
+    )

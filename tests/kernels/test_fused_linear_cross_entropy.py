@@ -1,0 +1,255 @@
+"""fused_linear_cross_entropy(_stats) against an fp64 torch reference.
+
+Both row paths run in one process: ``_backend="triton"`` (the Triton kernel; on CPU through the
+interpreter, which tests/conftest.py enables) and ``_backend="torch"`` (the chunked torch path).
+Shapes are tiny and ``_chunk_rows`` small so that the multi-chunk logic is exercised cheaply.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sft_plugins.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_stats
+
+N, H, V = 40, 32, 300
+BACKENDS = ["triton", "torch"]
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    BACKENDS = ["torch"]
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _reference(h, w, y, *, bias=None, ignore_index=-100, reduction="mean", softcap=None,
+               logit_scale=1.0, label_smoothing=0.0, num_items_in_batch=None):
+    z = h @ w.t()
+    if bias is not None:
+        z = z + bias
+    z = z * logit_scale
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    if reduction == "mean" and num_items_in_batch is not None:
+        s = F.cross_entropy(z, y, ignore_index=ignore_index, reduction="sum",
+                            label_smoothing=label_smoothing)
+        return s / float(num_items_in_batch)
+    return F.cross_entropy(z, y, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def _leaf(t: torch.Tensor, dev: str = DEV, grad: bool = True) -> torch.Tensor:
+    return t.detach().clone().to(dev).requires_grad_(grad)
+
+
+def _inputs(dtype, *, n_ignored=8, bias=False, frozen=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g) * 0.7
+    w = torch.randn(V, H, generator=g) / H**0.5 * 2.0
+    b = torch.randn(V, generator=g) * 0.3 if bias else None
+    y = torch.randint(0, V, (N,), generator=g)
+    if n_ignored:
+        perm = torch.randperm(N, generator=g)[:n_ignored]
+        y[perm] = -100
+    # round once to the test dtype so the reference sees exactly the same numbers
+    h, w = h.to(dtype), w.to(dtype)
+    b = b.to(dtype) if b is not None else None
+    return h, w, b, y
+
+
+CASES = {
+    "plain": dict(),
+    "no_ignored": dict(n_ignored=0),
+    "softcap": dict(softcap=3.0),
+    "smoothing": dict(label_smoothing=0.1),
+    "bias": dict(bias=True),
+    "logit_scale": dict(logit_scale=0.5),
+    "frozen": dict(frozen=True),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "none_frozen": dict(reduction="none", frozen=True),
+    "none_bias": dict(reduction="none", bias=True, softcap=4.0),
+    "num_items_int": dict(num_items_in_batch=57),
+    "num_items_tensor": dict(num_items_in_batch="tensor"),
+    "everything": dict(bias=True, softcap=2.5, logit_scale=1.3, label_smoothing=0.2),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_grads_match_fp64(backend, dtype, case):
+    spec = dict(CASES[case])
+    n_ignored = spec.pop("n_ignored", 8)
+    has_bias = spec.pop("bias", False)
+    frozen = spec.pop("frozen", False)
+    if spec.get("num_items_in_batch") == "tensor":
+        spec["num_items_in_batch"] = torch.tensor(61)  # on CPU: "another device" when on CUDA
+    h, w, b, y = _inputs(dtype, n_ignored=n_ignored, bias=has_bias, seed=list(CASES).index(case))
+
+    # fp64 reference on the same (rounded) inputs
+    hr = _leaf(h.double(), "cpu")
+    wr = _leaf(w.double(), "cpu", not frozen)
+    br = _leaf(b.double(), "cpu") if b is not None else None
+    ref = _reference(hr, wr, y, bias=br, **spec)
+
+    ho = _leaf(h)
+    wo = _leaf(w, grad=not frozen)
+    bo = _leaf(b) if b is not None else None
+    out = fused_linear_cross_entropy(ho, wo, y.to(DEV), bias=bo, _backend=backend,
+                                     _chunk_rows=12, **spec)
+    assert out.dtype == torch.float32
+    assert out.shape == ref.shape
+    tol = TOL[dtype]
+    assert _rel(out.detach().cpu(), ref.detach()) < tol
+
+    if ref.dim() == 0:
+        ref.backward()
+        out.backward()
+    else:  # arbitrary upstream gradient, so per-token scaling is really tested
+        up = torch.rand(N, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.5
+        ref.backward(up)
+        out.backward(up.float().to(DEV))
+    assert ho.grad.dtype == dtype and torch.isfinite(ho.grad).all()
+    assert _rel(ho.grad.cpu(), hr.grad) < tol
+    if frozen:
+        assert wo.grad is None
+    else:
+        assert wo.grad.dtype == dtype
+        assert _rel(wo.grad.cpu(), wr.grad) < tol
+    if b is not None:
+        assert _rel(bo.grad.cpu(), br.grad) < tol
+    # ignored rows get exactly zero hidden gradient
+    assert (ho.grad.cpu()[y == -100] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_labels_ignored_gives_zero_not_nan(backend, reduction):
+    h, w, b, _ = _inputs(torch.float32, bias=True)
+    y = torch.full((N,), -100)
+    ho, wo, bo = (_leaf(t) for t in (h, w, b))
+    out = fused_linear_cross_entropy(ho, wo, y.to(DEV), bias=bo, reduction=reduction,
+                                     _backend=backend)
+    assert torch.isfinite(out).all() and (out == 0).all()
+    out.sum().backward()
+    for t in (ho, wo, bo):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and (t.grad == 0).all()
+    out = fused_linear_cross_entropy(h.to(DEV), w.to(DEV), y.to(DEV), num_items_in_batch=0,
+                                     _backend=backend)
+    assert float(out.detach()) == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_stats_match_reference(backend, dtype):
+    softcap, scale, smoothing = 3.0, 1.2, 0.1
+    h, w, _, y = _inputs(dtype, seed=7)
+    # make a few rows hit their argmax, so is_top1 has both values
+    z64 = (h.double() @ w.double().t()) * scale
+    y[:5] = z64[:5].argmax(-1)
+    hr = _leaf(h.double(), "cpu")
+    z = softcap * torch.tanh((hr @ w.double().t()) * scale / softcap)
+    ref = F.cross_entropy(z, y, reduction="none", label_smoothing=smoothing)
+    p = torch.softmax(z, -1)
+    ent_ref = -(p * torch.log_softmax(z, -1)).sum(-1)
+    valid = y != -100
+    top1_ref = (z.argmax(-1) == y) & valid
+
+    ho = _leaf(h)
+    st = fused_linear_cross_entropy_stats(ho, w.to(DEV), y.to(DEV), softcap=softcap,
+                                          logit_scale=scale, label_smoothing=smoothing,
+                                          _backend=backend, _chunk_rows=16)
+    tol = TOL[dtype]
+    assert st.loss.shape == (N,) and st.entropy.shape == (N,) and st.is_top1.dtype == torch.bool
+    assert not st.entropy.requires_grad and not st.is_top1.requires_grad
+    assert _rel(st.loss.detach().cpu(), ref.detach()) < tol
+    assert _rel(st.entropy.cpu()[valid], ent_ref.detach()[valid]) < tol
+    assert (st.entropy.cpu()[~valid] == 0).all()
+    assert torch.equal(st.is_top1.cpu(), top1_ref)
+    assert st.is_top1[:5].all()
+    (st.loss.sum()).backward()
+    ref.sum().backward()
+    assert _rel(ho.grad.cpu(), hr.grad) < tol
+
+    # reduced loss from the stats variant equals the plain function's
+    st2 = fused_linear_cross_entropy_stats(h.to(DEV), w.to(DEV), y.to(DEV), reduction="mean",
+                                           softcap=softcap, logit_scale=scale,
+                                           label_smoothing=smoothing, _backend=backend)
+    assert st2.loss.dim() == 0
+    assert abs(float(st2.loss.detach()) - float(ref[valid].mean())) < tol * float(ref[valid].mean())
+
+
+@pytest.mark.parametrize("dw_accum", ["fp32", "native"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dw_accumulation_modes(backend, dw_accum):
+    h, w, _, y = _inputs(torch.bfloat16, seed=3)
+    hr, wr = _leaf(h.double(), "cpu"), _leaf(w.double(), "cpu")
+    _reference(hr, wr, y).backward()
+    ho, wo = _leaf(h), _leaf(w)
+    fused_linear_cross_entropy(ho, wo, y.to(DEV), _backend=backend, _chunk_rows=8,
+                               _dw_accum=dw_accum).backward()
+    assert wo.grad.dtype == torch.bfloat16
+    assert _rel(wo.grad.cpu(), wr.grad) < 1e-2
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable")
+def test_triton_multi_block_rows(monkeypatch):
+    """Rows longer than one block (the online max / sum-exp across blocks)."""
+    monkeypatch.setenv("SFT_PLUGINS_CE_BLOCK_V", "64")  # 300 = 4 full blocks + a masked tail
+    h, w, _, y = _inputs(torch.float32, seed=5)
+    hr, wr = _leaf(h.double(), "cpu"), _leaf(w.double(), "cpu")
+    ref = _reference(hr, wr, y, softcap=2.0, label_smoothing=0.05)
+    ref.backward()
+    ho, wo = _leaf(h), _leaf(w)
+    st = fused_linear_cross_entropy_stats(ho, wo, y.to(DEV), reduction="mean", softcap=2.0,
+                                          label_smoothing=0.05, _backend="triton")
+    st.loss.backward()
+    assert _rel(st.loss.detach().cpu(), ref.detach()) < 2e-5
+    assert _rel(ho.grad.cpu(), hr.grad) < 2e-5
+    assert _rel(wo.grad.cpu(), wr.grad) < 2e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_no_grad_and_autocast(backend):
+    h, w, _, y = _inputs(torch.float32, seed=11)
+    ref = _reference(h.double(), w.double(), y)
+    # [B, T, H] input, labels [B, T]
+    out = fused_linear_cross_entropy(h.view(4, 10, H).to(DEV), w.to(DEV), y.view(4, 10).to(DEV),
+                                     _backend=backend)
+    assert _rel(out.cpu(), ref) < 2e-5
+    none = fused_linear_cross_entropy(h.view(4, 10, H).to(DEV), w.to(DEV),
+                                      y.view(4, 10).to(DEV), reduction="none", _backend=backend)
+    assert none.shape == (4, 10)
+    # eval: no graph, no gradient work
+    ho = _leaf(h)
+    with torch.no_grad():
+        out = fused_linear_cross_entropy(ho, w.to(DEV), y.to(DEV), _backend=backend)
+    assert not out.requires_grad and _rel(out.cpu(), ref) < 2e-5
+    # autocast to bf16 with fp32 master weights: grads come back in the parameters' dtype
+    ho = _leaf(h)
+    wo = _leaf(w)
+    with torch.autocast(device_type=DEV, dtype=torch.bfloat16):
+        out = fused_linear_cross_entropy(ho, wo, y.to(DEV), _backend=backend)
+    out.backward()
+    assert ho.grad.dtype == torch.float32 and wo.grad.dtype == torch.float32
+    hr, wr = _leaf(h.double(), "cpu"), _leaf(w.double(), "cpu")
+    _reference(hr, wr, y).backward()
+    assert _rel(out.detach().cpu(), ref) < 2e-2
+    assert _rel(wo.grad.cpu(), wr.grad) < 2e-2
+
+
+def test_bad_arguments():
+    h, w, _, y = _inputs(torch.float32)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(h, w[:, :-1], y)
+    with pytest.raises(ValueError):
+        fused_linear_cross_entropy(h, w, y[:-1])
