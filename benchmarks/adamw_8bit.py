@@ -1,0 +1,295 @@
+"""adamw_8bit vs torch fused AdamW (and torchao AdamW8bit when importable): full fine-tuning.
+
+Each arm runs in its own process (fresh allocator, peak-memory counter and compile caches) on the same
+random-initialised model (seeded) and the same random token batch. The optimizer of every arm is the
+one ``transformers.Trainer.create_optimizer`` builds: for the plugin arms from ``stack.prepare``'s
+``optimizer_cls_and_kwargs``, for fused AdamW from ``optim="adamw_torch_fused"``, for torchao from
+``optimizer_cls_and_kwargs=(torchao.optim.AdamW8bit, ...)``; so param groups are identical. The
+training step is timed by hand (forward + backward + optimizer step + zero_grad) to keep data loading
+out of the figures.
+
+Figures per arm: optimizer state bytes (measured from the state tensors) and per parameter, overall
+and for the 8-bit tensors only; GPU memory growth at the first optimizer step; peak allocated and
+reserved memory; median step time and median optimizer-step time.
+
+    # H200 (see docs/plugins/adamw_8bit.md for the full command with the staged wheels)
+    python benchmarks/adamw_8bit.py --out benchmarks/results/adamw_8bit_h200.json
+    # CPU check of the script itself (tiny model, a few steps)
+    python benchmarks/adamw_8bit.py --smoke --out /tmp/adamw_8bit_smoke.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = ("fused_adamw", "adamw_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged", "torchao_adamw8bit")
+TARGET_STATE_BYTES = 2.1
+TARGET_STEP_RATIO = 1.10
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in ("torch", "transformers", "trl", "accelerate", "bitsandbytes", "torchao", "sft-plugins"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def build_optimizer(arm: str, model: Any, lr: float, device: str) -> Any:
+    """The optimizer ``Trainer.create_optimizer`` builds for ``arm`` (identical param groups)."""
+    from transformers import Trainer, TrainingArguments
+
+    import sft_plugins
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="adamw8bit-bench-"), report_to="none",
+                             use_cpu=device == "cpu", bf16=device != "cpu", learning_rate=lr,
+                             weight_decay=0.01, optim="adamw_torch_fused", save_strategy="no")
+    if arm == "fused_adamw":
+        return Trainer(model=model, args=args).create_optimizer()
+    if arm == "torchao_adamw8bit":
+        from torchao.optim import AdamW8bit
+
+        kwargs = dict(lr=lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=0.01)
+        return Trainer(model=model, args=args, optimizer_cls_and_kwargs=(AdamW8bit, kwargs)).create_optimizer()
+    options = {"no_fp32_emb": {"fp32_embeddings": False}, "paged": {"paged": True}}.get(
+        arm.removeprefix("adamw_8bit").lstrip("_"), {})
+    stack = sft_plugins.compose(["adamw_8bit"], options={"adamw_8bit": options})
+    kwargs = stack.prepare(model=model, args=args)  # PluginError here is the arm's answer (e.g. paged on CPU)
+    return Trainer(**kwargs).create_optimizer()
+
+
+def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from sft_plugins.embedded import build_model, build_tokenizer
+    from sft_plugins.plugins.adamw_8bit import state_bytes
+
+    device = cfg["device"]
+    cuda = device == "cuda"
+    dtype = getattr(torch, cfg["dtype"])
+    tok = build_tokenizer()
+    # build directly on the GPU: random init of 1.2B parameters on the host takes far longer
+    with torch.device(device):
+        model = build_model(cfg["preset"], tokenizer=tok, dtype=dtype)
+    model.config.use_cache = False
+    n_params = sum(p.numel() for p in model.parameters())
+    vocab = model.config.vocab_size
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    batch = torch.randint(0, vocab, (cfg["batch"], cfg["seq"]), generator=gen).to(device)
+
+    opt = build_optimizer(arm, model, cfg["lr"], device)
+    model.train()
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def timer() -> Any:
+        return torch.cuda.Event(enable_timing=True) if cuda else None
+
+    step_ms: list[float] = []
+    opt_ms: list[float] = []
+    losses: list[float] = []
+    first_step_growth = None
+    total = cfg["warmup"] + cfg["steps"]
+    for i in range(total):
+        if i == cfg["warmup"] and cuda:
+            torch.cuda.reset_peak_memory_stats()  # peak of the steady state, state already allocated
+        sync()
+        t0 = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        sync()
+        before = torch.cuda.memory_allocated() if cuda else 0
+        ev0, ev1 = timer(), timer()
+        t1 = time.perf_counter()
+        if cuda:
+            ev0.record()
+        opt.step()
+        if cuda:
+            ev1.record()
+        if i == 0 and cuda:
+            sync()
+            first_step_growth = torch.cuda.memory_allocated() - before  # state is allocated lazily here
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t2 = time.perf_counter()
+        losses.append(float(loss.detach()))
+        if i >= cfg["warmup"]:
+            step_ms.append((t2 - t0) * 1e3)
+            opt_ms.append(ev0.elapsed_time(ev1) if cuda else (t2 - t1) * 1e3)
+
+    state = state_bytes(opt)
+    out: dict[str, Any] = {
+        "arm": arm,
+        "optimizer": f"{type(opt).__module__}.{type(opt).__qualname__}",
+        "params": n_params,
+        **state,
+        "step_ms_median": statistics.median(step_ms),
+        "step_ms_all": [round(x, 3) for x in step_ms],
+        "optimizer_step_ms_median": statistics.median(opt_ms),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+    }
+    if cuda:
+        out.update(first_step_memory_growth_bytes=first_step_growth,
+                   peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                   peak_reserved_bytes=torch.cuda.max_memory_reserved())
+    return out
+
+
+def child(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one arm in a fresh interpreter; its result (or its failure) as a dict."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_arm", arm, "--_cfg", json.dumps(cfg)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg["arm_timeout_s"])
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+            result["arm_wall_s"] = round(time.time() - t0, 1)
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+    return {"arm": arm, "error": " | ".join(tail) or f"exit {proc.returncode}", "arm_wall_s": round(time.time() - t0, 1)}
+
+
+def gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / 2**30:.2f}"
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    base = next((r for r in results if r["arm"] == "fused_adamw" and "error" not in r), None)
+    rows = ["| arm | state GiB | state B/param (all) | B/param (8-bit tensors) | 8-bit params | peak alloc GiB "
+            "| step ms | × fused | opt.step ms |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['arm']} | not run: {' '.join(r['error'].split())[:200]} | | | | | | | |")
+            continue
+        ratio = f"{r['step_ms_median'] / base['step_ms_median']:.3f}" if base else "-"
+        q = r["bytes_per_param_8bit"]
+        rows.append(
+            f"| {r['arm']} | {gib(r['state_bytes'])} | {r['bytes_per_param']:.2f} | {'-' if q is None else f'{q:.3f}'} "
+            f"| {r['params_8bit'] / max(r['params_with_state'], 1):.0%} | {gib(r.get('peak_allocated_bytes'))} "
+            f"| {r['step_ms_median']:.1f} | {ratio} | {r['optimizer_step_ms_median']:.2f} |")
+    return "\n".join(rows)
+
+
+def verdicts(results: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {r["arm"]: r for r in results if "error" not in r}
+    base = by.get("fused_adamw")
+    out: dict[str, Any] = {}
+    for arm in ("adamw_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged"):
+        r = by.get(arm)
+        if r is None or base is None:
+            continue
+        ratio = r["step_ms_median"] / base["step_ms_median"]
+        out[arm] = {
+            "state_bytes_per_param_8bit_tensors": r["bytes_per_param_8bit"],
+            "state_bytes_per_param_all": r["bytes_per_param"],
+            "state_target_8bit_tensors_met": (r["bytes_per_param_8bit"] or 99) <= TARGET_STATE_BYTES,
+            "state_target_all_params_met": r["bytes_per_param"] <= TARGET_STATE_BYTES,
+            "step_time_ratio_vs_fused": ratio,
+            "step_time_target_met": ratio <= TARGET_STEP_RATIO,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, small batch, a few steps")
+    ap.add_argument("--preset", default="llama-3.2-1b-shape")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps (state allocation, torch.compile)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
+    ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    ap.add_argument("--_arm", help=argparse.SUPPRESS)
+    ap.add_argument("--_cfg", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+
+    if a._arm:  # child process
+        try:
+            result = run_arm(a._arm, json.loads(a._cfg))
+        except Exception as exc:  # reported as the arm's result, e.g. a PluginError refusing paged on CPU
+            result = {"arm": a._arm, "error": f"{type(exc).__name__}: {exc}"}
+        print("RESULT " + json.dumps(result), flush=True)
+        return 0
+
+    import torch
+
+    device = "cpu" if a.smoke or not torch.cuda.is_available() else "cuda"
+    if a.smoke:
+        cfg = dict(preset="tiny", dtype="float32", batch=2, seq=64, warmup=2, steps=4)
+    else:
+        cfg = dict(preset=a.preset, dtype=a.dtype, batch=a.batch, seq=a.seq, warmup=a.warmup, steps=a.steps)
+    cfg.update(device=device, lr=a.lr, arm_timeout_s=900)
+    arms = [x for x in a.arms.split(",") if x]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        ap.error(f"unknown arms {unknown}; arms: {ARMS}")
+    if a.smoke and a.arms == ",".join(ARMS):
+        arms = [x for x in arms if x != "torchao_adamw8bit"]  # its CPU compile alone takes ~30 s
+
+    t0 = time.time()
+    results = []
+    for arm in arms:
+        if arm == "torchao_adamw8bit" and not _importable("torchao.optim"):
+            results.append({"arm": arm, "error": "torchao is not importable here"})
+            continue
+        results.append(child(arm, cfg))
+        print(f"[{arm}] done in {results[-1]['arm_wall_s']} s" + (f": {results[-1]['error']}"
+                                                                   if "error" in results[-1] else ""), flush=True)
+    report = {
+        "benchmark": "adamw_8bit",
+        "command": " ".join(shlex.quote(x) for x in [Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or 'x86_64'})",
+        "versions": versions(),
+        "config": cfg,
+        "targets": {"state_bytes_per_param": TARGET_STATE_BYTES, "step_time_ratio_vs_fused": TARGET_STEP_RATIO},
+        "results": results,
+        "verdicts": verdicts(results),
+        "wall_s": round(time.time() - t0, 1),
+    }
+    md = table(results)
+    print(f"\n{report['device']}, {cfg['preset']} {cfg['dtype']}, batch {cfg['batch']}×{cfg['seq']}, "
+          f"{cfg['steps']} timed steps after {cfg['warmup']}\n\n{md}\n")
+    print(json.dumps(report["verdicts"], indent=1))
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps({**report, "markdown": md}, indent=1))
+        print(f"wrote {a.out}")
+    return 0 if all("error" not in r for r in results if r["arm"] != "torchao_adamw8bit"
+                    and not (a.smoke and r["arm"] == "adamw_8bit_paged")) else 1
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
