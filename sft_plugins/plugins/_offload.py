@@ -87,19 +87,16 @@ class OffloadConfig:
 
 
 class _Buffer:
-    __slots__ = ("data", "kind")
+    __slots__ = ("data", "kind", "pinned")
 
-    def __init__(self, data: torch.Tensor, kind: str):
+    def __init__(self, data: torch.Tensor, kind: str, pinned: bool):
         self.data = data
         self.kind = kind  # "host" (pinned with CUDA) or "pageable"
+        self.pinned = pinned  # cached: is_pinned() asks the driver
 
     @property
     def capacity(self) -> int:
         return self.data.numel()
-
-    @property
-    def pinned(self) -> bool:
-        return self.kind == "host" and self.data.is_pinned()
 
     def view(self, nbytes: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
         return self.data[:nbytes].view(dtype).view(shape)
@@ -146,15 +143,16 @@ class HostPool:
                 break
             if self.held[kind] + cap > budget:
                 continue
+            pin = self.pin and kind == "host"
             try:
-                data = torch.empty(cap, dtype=torch.uint8, pin_memory=self.pin and kind == "host")
+                data = torch.empty(cap, dtype=torch.uint8, pin_memory=pin)
             except RuntimeError as exc:  # pinning can fail (ulimit -l, driver); fall through, never crash
                 logger.warning("smart_checkpointing: could not allocate %d MiB of %s memory: %s",
                                cap >> 20, kind, exc)
                 continue
             self.held[kind] += cap
             self.allocations += 1
-            return _Buffer(data, kind)
+            return _Buffer(data, kind, pin)
         return self._full(f"host budget {cfg.host_budget / GiB:.3g} GiB"
                           + (f" + pageable {cfg.pageable_budget / GiB:.3g} GiB" if cfg.overflow == "pageable" else "")
                           + " is used up")
@@ -197,7 +195,10 @@ class _Token:
 
     def __del__(self) -> None:
         if not self.done:
-            self.offloader.discard(self.entry)
+            try:
+                self.offloader.discard(self.entry)
+            except Exception:  # interpreter shutdown: nothing left to give back to
+                pass
 
 
 class Offloader:
