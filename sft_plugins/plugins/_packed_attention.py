@@ -1,0 +1,258 @@
+"""Attention over packed rows (several sequences in one row) that never crosses a sequence boundary
+and never builds a dense ``T x T`` mask.
+
+Registered through transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under
+:data:`IMPL_NAME`; the padding_free plugin switches a model to it with
+``model.set_attn_implementation`` and switches back on undo. Backends:
+
+- ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's flash-attention varlen kernel;
+  CUDA, fp16/bf16). Its keywords changed between releases (2.11 has no ``is_causal``; causality is
+  ``window_size=(-1, 0)``), so they are chosen from its signature at run time.
+- ``flex``: FlexAttention with a document-causal block mask built once per forward (CUDA; any float).
+- ``loop``: one causal ``scaled_dot_product_attention`` per sequence (any device, any dtype): slower
+  than the kernels above, but exact and O(sum of len^2) instead of O(T^2). Used by the CPU tests.
+
+Sequence boundaries come from ``cu_seq_lens_q`` / ``max_length_q`` (our collator supplies them, so no
+device-to-host sync happens per layer) or, failing that, from ``position_ids`` restarts. A call with an
+attention mask (a padded batch, e.g. from another collator) or with a KV cache goes to sdpa unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+IMPL_NAME = "sft_packed"
+BACKENDS = ("varlen", "flex", "loop")
+
+# backend chosen for IMPL_NAME; set by install() (one process = one configuration, like every patch)
+_state: dict[str, Any] = {"backend": "loop", "registered": 0, "fallbacks": 0}
+
+
+def varlen_available() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- sequence boundaries, computed once per forward and shared by all layers ----------------------
+class _PerForward:
+    """Remembers one value per input tensor object (weakly), so the 16+ layers of a forward (and the
+    recompute of checkpointing) derive boundaries, masks and lists once, not once per layer."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref | None = None
+        self._value: Any = None
+
+    def get(self, key: torch.Tensor, make: Callable[[], Any]) -> Any:
+        if self._ref is not None and self._ref() is key:
+            return self._value
+        value = make()
+        self._ref, self._value = weakref.ref(key), value
+        return value
+
+
+_cu_from_pos = _PerForward()
+_cu_list = _PerForward()
+_flex_mask = _PerForward()
+
+
+def cu_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sequence starts of the flattened ``[B, T]`` batch: a new sequence wherever the position does
+    not follow its predecessor by one (transformers' own packed-sequence rule) and at every row start."""
+    b, t = position_ids.shape
+    flat = position_ids.reshape(-1)
+    new = torch.ones_like(flat, dtype=torch.bool)
+    new[1:] = flat[1:] != flat[:-1] + 1
+    new[::t] = True
+    starts = new.nonzero().flatten()
+    cu = torch.cat([starts, starts.new_tensor([b * t])]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def _bounds(kwargs: dict[str, Any], b: int, t: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and b == 1 and int(cu.numel()) >= 2:
+        ml = kwargs.get("max_length_q")
+        if ml is None:
+            ml = _cu_list.get(cu, lambda: int(cu.diff().max()))
+        return cu.to(device=device, dtype=torch.int32), int(ml)
+    pos = kwargs.get("position_ids")
+    if pos is None:  # no boundaries given: each row is one sequence
+        cu = torch.arange(0, (b + 1) * t, t, device=device, dtype=torch.int32)
+        return cu, t
+    pos = pos.expand(b, -1) if pos.shape[0] != b else pos
+    return _cu_from_pos.get(pos, lambda: cu_from_position_ids(pos))
+
+
+# -- the three backends; q/k/v come as [B, H, T, D], the result goes back as [B, T, H, D] ----------
+def _varlen_kwargs() -> tuple[Callable, set[str]]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+
+
+def _run_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, ml: int,
+                scaling: float | None) -> torch.Tensor:
+    fn, params = _varlen_kwargs()
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    qf = q.transpose(1, 2).reshape(b * t, hq, d)
+    kf = k.transpose(1, 2).reshape(b * t, hk, d)
+    vf = v.transpose(1, 2).reshape(b * t, hk, d)
+    kw: dict[str, Any] = {}
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        kw["window_size"] = (-1, 0)  # (left unbounded, right 0) = causal, per varlen_attn's docstring
+    if scaling is not None:
+        kw["scale"] = scaling
+    if hk != hq:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # older signature: give every query head its own K/V copy
+            kf = kf.repeat_interleave(hq // hk, dim=1)
+            vf = vf.repeat_interleave(hq // hk, dim=1)
+    out = fn(qf, kf, vf, cu, cu, ml, ml, **kw)
+    return out.reshape(b, t, hq, d)
+
+
+_compiled_flex: dict[str, Callable] = {}
+
+
+def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+              scaling: float | None) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, hq, t, d = q.shape
+    total = b * t
+
+    def make_mask():
+        doc = torch.repeat_interleave(torch.arange(cu.numel() - 1, device=q.device, dtype=torch.int32),
+                                      cu.diff().to(q.device))
+
+        def doc_causal(bb, hh, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki)
+
+        # compiled on CUDA: the eager builder evaluates the mask densely (T x T), which is what we avoid
+        return create_block_mask(doc_causal, None, None, total, total, device=q.device, _compile=q.is_cuda)
+
+    block_mask = _flex_mask.get(cu, make_mask)
+    if q.is_cuda:
+        fn = _compiled_flex.get("fn")
+        if fn is None:  # compiled once; shapes vary per batch, so let dynamo go dynamic after a change
+            fn = _compiled_flex["fn"] = torch.compile(flex_attention)
+    else:
+        fn = flex_attention  # eager reference path: slow, used only to check the mask logic on CPU
+    qf = q.transpose(1, 2).reshape(1, total, hq, d).transpose(1, 2)
+    kf = k.transpose(1, 2).reshape(1, total, k.shape[1], d).transpose(1, 2)
+    vf = v.transpose(1, 2).reshape(1, total, k.shape[1], d).transpose(1, 2)
+    out = fn(qf, kf, vf, block_mask=block_mask, scale=scaling, enable_gqa=k.shape[1] != hq)
+    return out.transpose(1, 2).reshape(b, t, hq, d)
+
+
+def _run_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
+              scaling: float | None) -> torch.Tensor:
+    b, hq, t, d = q.shape
+    hk = k.shape[1]
+    bounds = _cu_list.get(cu, lambda: cu.tolist())
+    qf = q.transpose(1, 2).reshape(b * t, hq, d).transpose(0, 1)  # [H, N, D]
+    kf = k.transpose(1, 2).reshape(b * t, hk, d).transpose(0, 1)
+    vf = v.transpose(1, 2).reshape(b * t, hk, d).transpose(0, 1)
+    if hk != hq:
+        kf = kf.repeat_interleave(hq // hk, dim=0)
+        vf = vf.repeat_interleave(hq // hk, dim=0)
+    outs = [F.scaled_dot_product_attention(qf[:, s:e], kf[:, s:e], vf[:, s:e], is_causal=True, scale=scaling)
+            for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(outs, dim=1).transpose(0, 1).reshape(b, t, hq, d)
+
+
+def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                             value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``[B, H, T, D]`` in, ``([B, T, H, D], None)`` out."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None or key.shape[2] != query.shape[2]:
+        # a padded batch or a KV cache: not a packed row; sdpa with the mask transformers built is right
+        _state["fallbacks"] += 1
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if dropout and module.training:
+        raise RuntimeError("sft_packed attention does not implement attention dropout; set the model's "
+                           "attention_dropout=0 or use the padding_free option attention='dense'")
+    b, _, t, _ = query.shape
+    cu, ml = _bounds(kwargs, b, t, query.device)
+    backend = _state["backend"]
+    if backend == "varlen" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+        out = _run_varlen(query, key, value, cu, ml, scaling)
+    elif backend in ("varlen", "flex") and query.is_cuda:
+        out = _run_flex(query, key, value, cu, scaling)
+    elif backend == "flex" and not query.is_cuda and flex_available():
+        out = _run_flex(query, key, value, cu, scaling)
+    else:
+        out = _run_loop(query, key, value, cu, scaling)
+    return out, None
+
+
+def packed_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
+                **kwargs: Any) -> Any:
+    """Mask builder for :data:`IMPL_NAME`: no mask at all for packed or unpadded rows (the attention
+    takes boundaries from ``cu_seq_lens``/``position_ids``); sdpa's mask for padded batches or caches."""
+    if attention_mask is None and q_length == kv_length and q_offset == 0:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    call: dict[str, Any] = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                                kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
+    if mask_function is not None:
+        call["mask_function"] = mask_function
+    return sdpa_mask(**call)
+
+
+def register() -> None:
+    """Add :data:`IMPL_NAME` to transformers' attention and mask registries (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPL_NAME, packed_attention_forward)
+    AttentionMaskInterface.register(IMPL_NAME, packed_mask)
+
+
+def current_impl(model: Any) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+def install(model: Any, backend: str) -> Callable[[], None]:
+    """Switch ``model`` to packed attention with ``backend``; returns the undo."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    register()
+    previous, previous_backend = current_impl(model), _state["backend"]
+    _state["backend"] = backend
+    model.set_attn_implementation(IMPL_NAME)
+    if current_impl(model) != IMPL_NAME:
+        _state["backend"] = previous_backend
+        raise RuntimeError(f"{type(model).__name__} did not accept attn_implementation={IMPL_NAME!r}")
+
+    def undo() -> None:
+        model.set_attn_implementation(previous)
+        _state["backend"] = previous_backend
+
+    return undo

@@ -1,0 +1,196 @@
+"""padding_free: train on one flattened, padding-free row per batch, with attention that stays inside
+each sequence and, on the GPU, skips the cross-sequence blocks.
+
+Hooks: ``sft_describe``, ``sft_check``, ``sft_update_args`` (TRL's own ``padding_free``/``packing``
+off, ``remove_unused_columns=False``), ``sft_patch_model`` (``use_cache=False``; packed attention
+backend), ``sft_data_collator`` (:class:`~sft_plugins.plugins._collate.PackedCollator`).
+
+Options:
+    attention: "auto" (default) | "varlen" | "flex" | "loop" | "dense" | "flash"
+        auto: keep a model already on flash_attention_2/3 (varlen kernels read our cu_seq_lens);
+        otherwise on CUDA use PyTorch's varlen flash kernel (``varlen``, falling back to ``flex``
+        when torch lacks it); on CPU keep sdpa/eager (transformers builds the block-diagonal mask
+        from ``position_ids``; exact, and dense only on CPU). ``dense`` keeps sdpa/eager on GPU too
+        (with a warning: it costs O(T^2)); ``loop`` runs one sdpa per sequence on any device.
+    pad_to_multiple_of: int | None (default None) - pad the row with one masked dummy sequence.
+    completion_only_loss: bool | None (default None = as TRL: use ``completion_mask`` when present).
+
+Torch and transformers are imported inside the hooks only, so listing plugins stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable
+
+from .._markers import hookimpl
+
+logger = logging.getLogger("sft_plugins.padding_free")
+
+ATTENTION = ("auto", "varlen", "flex", "loop", "dense", "flash")
+_FLASH = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+_OPTIONS = {"attention", "pad_to_multiple_of", "completion_only_loss"}
+
+
+def _wants_cuda(args: Any) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+
+
+def resolve_attention(options: dict[str, Any], model: Any, args: Any) -> str:
+    """The attention path that will run: one of ``flash``, ``varlen``, ``flex``, ``loop``, ``dense``."""
+    from ._packed_attention import current_impl, varlen_available
+
+    choice = options.get("attention", "auto")
+    impl = current_impl(model) or ""
+    if choice != "auto":
+        return choice
+    if impl in _FLASH:
+        return "flash"
+    if not _wants_cuda(args):
+        return "dense"
+    return "varlen" if varlen_available() else "flex"
+
+
+def check_model(model: Any, attention: str) -> list[str]:
+    """Reasons why packed rows would be wrong or unsupported for this model with this attention."""
+    if model is None:
+        return []
+    errors = []
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        errors.append("encoder-decoder models are not supported: use a decoder-only causal LM")
+    impl = getattr(config, "_attn_implementation", None)
+    ok_impls = ("sdpa", "eager", "flex_attention", *_FLASH, "sft_packed")
+    if impl not in ok_impls:
+        errors.append(f"attention implementation {impl!r} is not known to separate packed sequences: load the "
+                      "model with attn_implementation='sdpa' (or 'eager', 'flash_attention_2')")
+    if attention in ("varlen", "flex", "loop"):
+        if getattr(config, "attention_dropout", 0.0):
+            errors.append(f"attention={attention!r} has no attention dropout: set config.attention_dropout=0 or "
+                          "use attention='dense'")
+        if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
+            errors.append(f"attention={attention!r} does not do sliding windows or logit softcapping: use "
+                          "attention='dense' or attn_implementation='flash_attention_2'")
+        if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
+            errors.append(f"{type(model).__name__} does not use transformers' AttentionInterface, so attention="
+                          f"{attention!r} cannot be installed: use attention='dense'")
+    return errors
+
+
+@hookimpl
+def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
+    return {"summary": "one padding-free row per batch (position_ids restart, cu_seq_lens, no attention "
+                       "mask), attention kept inside each sequence: varlen/FlexAttention on GPU",
+            "loss_parity": 1e-3}
+
+
+@hookimpl
+def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
+    errors = []
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        errors.append(f"unknown options {unknown}; padding_free takes {sorted(_OPTIONS)}")
+    choice = options.get("attention", "auto")
+    if choice not in ATTENTION:
+        return errors + [f"attention must be one of {ATTENTION}, got {choice!r}"]
+    if getattr(args, "packing", False) and "packing" not in names:
+        errors.append("SFTConfig(packing=True) makes TRL turn on its own padding-free mode, which refuses our "
+                      "collator: set packing=False, or compose the 'packing' plugin "
+                      "(compose(['packing', 'padding_free']))")
+    if args is not None and getattr(args, "per_device_train_batch_size", 2) == 1 and "packing" not in names:
+        logger.warning("padding_free with per_device_train_batch_size=1 removes no padding; raise the batch size")
+    if model is not None:
+        attention = resolve_attention(options, model, args)
+        if attention in ("varlen", "flex") and not _wants_cuda(args):
+            errors.append(f"attention={attention!r} needs a CUDA GPU: use attention='auto' (sdpa with the "
+                          "position_ids mask on CPU) or attention='loop'")
+        if attention == "varlen":
+            from ._packed_attention import varlen_available
+
+            if not varlen_available():
+                errors.append("attention='varlen' needs torch.nn.attention.varlen (torch >= 2.10): upgrade torch "
+                              "or use attention='flex'")
+        if attention == "flash" and model.config._attn_implementation not in _FLASH:
+            errors.append("attention='flash' needs the model loaded with attn_implementation='flash_attention_2' "
+                          "(pip install flash-attn); or use attention='auto'")
+        errors += check_model(model, attention)
+    return errors
+
+
+@hookimpl
+def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+    # Our collator adds position_ids/cu_seq_lens, so TRL must not run its own padding-free mode (it
+    # refuses custom collators); plain Trainer would drop completion_mask/assistant_masks/seq_lengths
+    # columns that the model's forward does not name, so keep every column for the collator.
+    overrides: dict[str, Any] = {"remove_unused_columns": False}
+    if hasattr(args, "padding_free"):
+        overrides["padding_free"] = False
+    return overrides
+
+
+def patch_use_cache(model: Any) -> Callable[[], None] | None:
+    """``use_cache=False`` on the model config: with a cache, transformers skips packed-sequence
+    detection and the second sequence of a row attends to the first. TRL's compute_loss passes
+    use_cache=False itself; plain ``Trainer`` does not."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        return None
+    previous = config.use_cache
+    config.use_cache = False
+
+    def undo() -> None:
+        config.use_cache = previous
+
+    return undo
+
+
+@hookimpl
+def sft_patch_model(model: Any, args: Any, options: dict[str, Any]) -> Callable[[], None]:
+    undos = []
+    cache_undo = patch_use_cache(model)
+    if cache_undo is not None:
+        undos.append(cache_undo)
+    attention = resolve_attention(options, model, args)
+    if attention in ("varlen", "flex", "loop"):
+        from ._packed_attention import install
+
+        try:
+            undos.append(install(model, attention))
+        except Exception as exc:
+            for u in reversed(undos):
+                u()
+            from .._errors import PluginError
+
+            raise PluginError(f"padding_free could not install attention={attention!r}: {exc}; use "
+                              "attention='dense'") from exc
+    elif attention == "dense" and _wants_cuda(args):
+        warnings.warn("padding_free attention='dense': sdpa/eager builds a dense T x T block-diagonal mask for "
+                      "packed rows on the GPU (correct, but O(T^2)); attention='auto' uses a varlen kernel",
+                      stacklevel=2)
+    logger.info("padding_free: attention path %s", attention)
+
+    def undo() -> None:
+        for u in reversed(undos):
+            u()
+
+    return undo
+
+
+def make_collator(processing_class: Any, args: Any, options: dict[str, Any]) -> Any:
+    from ._collate import PackedCollator
+
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tok, "eos_token_id", None) or 0
+    completion_only = options.get("completion_only_loss", getattr(args, "completion_only_loss", None))
+    return PackedCollator(pad_token_id=int(pad), completion_only_loss=completion_only,
+                          pad_to_multiple_of=options.get("pad_to_multiple_of"))
+
+
+@hookimpl
+def sft_data_collator(processing_class: Any, args: Any, options: dict[str, Any]) -> Any:
+    return make_collator(processing_class, args, options)
