@@ -21,6 +21,7 @@ reserved memory; median step time and median optimizer-step time.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -85,8 +86,11 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
     dtype = getattr(torch, cfg["dtype"])
     tok = build_tokenizer()
     # build directly on the GPU: random init of 1.2B parameters on the host takes far longer
-    with torch.device(device):
-        model = build_model(cfg["preset"], tokenizer=tok, dtype=dtype)
+    try:
+        with torch.device(device):
+            model = build_model(cfg["preset"], tokenizer=tok, dtype=dtype)
+    except Exception:  # a transformers release that ignores or rejects the device context
+        model = build_model(cfg["preset"], tokenizer=tok, dtype=dtype).to(device)
     model.config.use_cache = False
     n_params = sum(p.numel() for p in model.parameters())
     vocab = model.config.vocab_size
@@ -103,6 +107,10 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
     def timer() -> Any:
         return torch.cuda.Event(enable_timing=True) if cuda else None
 
+    # fp32 weights on the GPU means what Trainer(bf16=True) does with them: bf16 autocast over fp32
+    # master weights, where torch AdamW state is fp32 (8 B/param) and 8-bit state saves the most
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and dtype == torch.float32
+                else contextlib.nullcontext())
     step_ms: list[float] = []
     opt_ms: list[float] = []
     losses: list[float] = []
@@ -113,7 +121,8 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.reset_peak_memory_stats()  # peak of the steady state, state already allocated
         sync()
         t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
+        with autocast:
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         sync()
         before = torch.cuda.memory_allocated() if cuda else 0
@@ -157,7 +166,10 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
 def child(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
     """Run one arm in a fresh interpreter; its result (or its failure) as a dict."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_arm", arm, "--_cfg", json.dumps(cfg)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # torchao lives in its own folder so that its presence cannot change the other arms' imports
+    extra = cfg.get("torchao_site") if arm == "torchao_adamw8bit" else None
+    path = os.pathsep.join(filter(None, [str(ROOT), extra, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=cfg["arm_timeout_s"])
     for line in reversed(proc.stdout.splitlines()):
@@ -215,13 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU check: tiny preset, small batch, a few steps")
     ap.add_argument("--preset", default="llama-3.2-1b-shape")
-    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="weights' dtype; float32 on CUDA trains under bf16 autocast (fp32 master weights)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps (state allocation, torch.compile)")
     ap.add_argument("--steps", type=int, default=30, help="timed steps")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {ARMS}")
+    ap.add_argument("--torchao-site", default=None,
+                    help="folder holding torchao, added to the path of the torchao arm only")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
     ap.add_argument("--_arm", help=argparse.SUPPRESS)
     ap.add_argument("--_cfg", help=argparse.SUPPRESS)
@@ -242,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dict(preset="tiny", dtype="float32", batch=2, seq=64, warmup=2, steps=4)
     else:
         cfg = dict(preset=a.preset, dtype=a.dtype, batch=a.batch, seq=a.seq, warmup=a.warmup, steps=a.steps)
-    cfg.update(device=device, lr=a.lr, arm_timeout_s=900)
+    cfg.update(device=device, lr=a.lr, arm_timeout_s=900, torchao_site=a.torchao_site)
     arms = [x for x in a.arms.split(",") if x]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
@@ -253,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     results = []
     for arm in arms:
-        if arm == "torchao_adamw8bit" and not _importable("torchao.optim"):
+        if arm == "torchao_adamw8bit" and not (a.torchao_site or _importable("torchao.optim")):
             results.append({"arm": arm, "error": "torchao is not importable here"})
             continue
         results.append(child(arm, cfg))

@@ -47,21 +47,19 @@ def sft_args(tmp_path, **overrides: Any):
     return SFTConfig(**{**base, **overrides})
 
 
-class LossRecorder:
-    """Collects the per-step training losses the Trainer logs."""
+def loss_recorder():
+    """A callback that collects the per-step training losses the Trainer logs."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class LossRecorder(TrainerCallback):
+        def __init__(self) -> None:
+            self.losses: dict[int, float] = {}
 
-        class _Rec(TrainerCallback):
-            def __init__(self) -> None:
-                self.losses: dict[int, float] = {}
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses[state.global_step] = float(logs["loss"])
 
-            def on_log(self, args, state, control, logs=None, **kwargs):
-                if logs and "loss" in logs:
-                    self.losses[state.global_step] = float(logs["loss"])
-
-        return _Rec()
+    return LossRecorder()
 
 
 def train(names, tmp_path, tok, dataset, *, options=None, resume=None, model=None, **overrides):
@@ -69,7 +67,7 @@ def train(names, tmp_path, tok, dataset, *, options=None, resume=None, model=Non
 
     model = model if model is not None else build_model(tokenizer=tok)
     stack = sft_plugins.compose(names, options=options)
-    rec = LossRecorder()
+    rec = loss_recorder()
     kwargs = stack.prepare(model=model, args=sft_args(tmp_path, **overrides), train_dataset=dataset,
                            processing_class=tok, callbacks=[rec])
     try:

@@ -99,6 +99,9 @@ def _probe(device: str, paged: bool) -> str | None:
         return (f"option paged=true needs CUDA unified memory, but training runs on {device} (bitsandbytes "
                 "would silently fall back to non-paged state): drop the paged option")
     version = getattr(bnb, "__version__", "?")
+    page_manager = getattr(getattr(bnb, "functional", None), "GlobalPageManager", None)
+    pages: list[Any] = page_manager.get_instance().paged_tensors if page_manager is not None else []
+    n_pages = len(pages)
     try:
         cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
         # >= 1e5 elements so that a paged buffer is really allocated; >= min_8bit_size for 8-bit state
@@ -114,6 +117,8 @@ def _probe(device: str, paged: bool) -> str | None:
         return (f"bitsandbytes {version} cannot step AdamW8bit on {device} ({type(exc).__name__}: {exc}): "
                 f"install a bitsandbytes build with {device} support (`pip install -U bitsandbytes`), "
                 "or drop the adamw_8bit plugin")
+    finally:
+        del pages[n_pages:]  # the probe's paged buffer must not stay in bitsandbytes' global prefetch list
     return None
 
 
