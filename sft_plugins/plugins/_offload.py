@@ -424,6 +424,8 @@ def make_checkpoint_fn(layer: torch.nn.Module, plan: LayerPlan) -> Callable[...,
     """
 
     def smart_checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # older transformers call us under no_grad too: no backward to serve
+            return function(*args, **kwargs)
         x = args[0] if args else None
         keywords = function.keywords.values() if isinstance(function, functools.partial) else ()
         if (not isinstance(x, torch.Tensor) or not x.is_floating_point()
