@@ -72,9 +72,11 @@ def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) 
 
 
 @hookimpl
-def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any] | None:
     # The dataset we return is tokenized, labelled and packed: TRL must neither prepare it again nor
     # pack it (its BFD would also switch on its padding-free mode, which refuses our collator).
+    if args is None:  # nothing to override; the trainer will get its defaults
+        return None
     overrides: dict[str, Any] = {"remove_unused_columns": False}
     if hasattr(args, "packing"):
         overrides["packing"] = False

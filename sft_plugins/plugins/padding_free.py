@@ -121,10 +121,12 @@ def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) 
 
 
 @hookimpl
-def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any]:
+def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any] | None:
     # Our collator adds position_ids/cu_seq_lens, so TRL must not run its own padding-free mode (it
     # refuses custom collators); plain Trainer would drop completion_mask/assistant_masks/seq_lengths
     # columns that the model's forward does not name, so keep every column for the collator.
+    if args is None:  # nothing to override; the trainer will get its defaults
+        return None
     overrides: dict[str, Any] = {"remove_unused_columns": False}
     if hasattr(args, "padding_free"):
         overrides["padding_free"] = False
