@@ -75,6 +75,7 @@ def build(preset: str, device: str, dtype: Any) -> Any:
     # Built on the device directly: initialising 8B parameters on the CPU would take minutes.
     with torch.device(device):
         model = build_model(preset, tokenizer=tok, dtype=dtype, max_position_embeddings=131072)
+    model.to(device)  # a no-op unless this transformers release built it on the CPU anyway
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     model.train()

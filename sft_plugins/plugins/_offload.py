@@ -207,7 +207,9 @@ class Offloader:
     def __init__(self, config: OffloadConfig):
         self.config = config
         self.pool = HostPool(config, pin=torch.cuda.is_available())
-        self._lock = threading.Lock()  # backward runs on autograd worker threads; __del__ anywhere
+        # Backward runs on autograd worker threads and a _Token's __del__ may fire inside a locked region
+        # (garbage collection during an allocation): reentrant, or that would deadlock.
+        self._lock = threading.RLock()
         self._live: dict[int, _Entry] = {}  # forward order: the end is what backward needs next
         self._streams: dict[torch.device, Any] = {}
         self.counters = dict(calls=0, saved_bytes=0, host_bytes=0, pageable_bytes=0, kept_bytes=0,
@@ -302,8 +304,8 @@ class Offloader:
             for key in reversed(keys[:index]):  # the entries backward reaches next
                 if ahead >= self.config.prefetch:
                     break
-                other = self._live[key]
-                if other.where != "device":
+                other = self._live.get(key)
+                if other is not None and other.where != "device":
                     self._start_load(other)
                     ahead += 1
             self._live.pop(id(entry), None)
