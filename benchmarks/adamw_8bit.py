@@ -83,6 +83,8 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
     device = cfg["device"]
     cuda = device == "cuda"
+    if not cuda:
+        torch.set_num_threads(1)  # the smoke run only checks the script; one thread is robust on shared CPUs
     dtype = getattr(torch, cfg["dtype"])
     tok = build_tokenizer()
     # build directly on the GPU: random init of 1.2B parameters on the host takes far longer

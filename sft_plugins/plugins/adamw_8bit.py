@@ -14,6 +14,11 @@ an override could leak into the next ablation arm's model. We give the same over
 instance instead (``get_config`` of a thin subclass), which leaves no process-global state behind:
 ``undo()`` has nothing to restore, and a user's own ``GlobalOptimManager`` overrides still win.
 
+Refusals (``sft_check``, each naming the fix): bitsandbytes missing or unable to step on the training
+device (probed), ``args.optim`` naming another optimizer, ``optim_args``/``optim_target_modules``,
+DeepSpeed, FSDP, ``paged`` off CUDA. ``optimizers=``/``optimizer_cls_and_kwargs=`` given by the user are
+refused by the core whenever a plugin supplies the optimizer.
+
 torch, transformers and bitsandbytes are imported inside functions only: listing plugins stays cheap.
 """
 
@@ -23,10 +28,8 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-from .._errors import PluginError
 from .._markers import hookimpl
 
-NAME = "adamw_8bit"
 DEFAULT_OPTIONS: dict[str, Any] = {
     "paged": False,           # PagedAdamW8bit: state in CUDA unified memory, evicted to host under pressure
     "fp32_embeddings": True,  # 32-bit state for nn.Embedding and lm_head parameters, as HF does
@@ -41,8 +44,7 @@ _PAGED_OPTIM = {"paged_adamw_8bit"}
 
 
 def _options(options: dict[str, Any] | None) -> dict[str, Any]:
-    merged = {**DEFAULT_OPTIONS, **(options or {})}
-    return merged
+    return {**DEFAULT_OPTIONS, **(options or {})}
 
 
 def _option_errors(options: dict[str, Any]) -> list[str]:
@@ -218,7 +220,7 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
 
 
 @hookimpl
-def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
+def sft_check(args: Any, options: dict[str, Any]) -> list[str]:
     errors = _option_errors(options)
     if errors:
         return errors
