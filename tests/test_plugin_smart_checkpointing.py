@@ -122,6 +122,13 @@ def test_parity_plain_checkpointing_without_cuda(tok):
     assert stats["calls"] == 15 and stats["host_bytes"] == 0 and stats["kept_bytes"] == stats["saved_bytes"]
 
 
+def test_parity_on_demand_without_prefetch(tok):
+    stats: dict = {}
+    opts = {"offload": "always", "prefetch": 0, "keep_last_on_gpu": 0}
+    _assert_same(_run(tok, steps=4), _run(tok, opts, steps=4, collect=stats))
+    assert stats["offloaded_fraction"] == 1.0
+
+
 def test_no_cuda_says_so_once(tok, monkeypatch):
     if CUDA:
         pytest.skip("only meaningful without CUDA")
@@ -341,7 +348,7 @@ def test_refuses_conflicting_args(tok, args_kw, match):
 
 @pytest.mark.parametrize("options, match", [
     ({"offload": "yes"}, "offload"), ({"keep_last_on_gpu": -1}, "keep_last_on_gpu"),
-    ({"overflow": "disk"}, "overflow"), ({"budget": 1}, "unknown option"), ({"prefetch": 0}, "prefetch"),
+    ({"overflow": "disk"}, "overflow"), ({"budget": 1}, "unknown option"), ({"prefetch": -1}, "prefetch"),
 ])
 def test_refuses_bad_options(tok, options, match):
     with pytest.raises(PluginError, match=match):

@@ -39,7 +39,7 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "pageable_budget_gb": None,  # with overflow="pageable"; None: same rule as host_budget_gb
     "host_reserve_gb": None,     # never allocate below this much available RAM; None: max(2 GiB, 5% of RAM)
     "keep_last_on_gpu": 1,       # the last k checkpointed layers keep their input on the GPU (needed first)
-    "prefetch": 1,               # how many layers ahead backward copies inputs back
+    "prefetch": 1,               # how many layers ahead backward copies inputs back (0: on demand, leanest)
     "preserve_rng_state": True,  # replay dropout exactly in the recompute (as torch's checkpoint does)
     "every_n_layers": 1,         # checkpoint one layer in n (HF's every_n_layers)
 }
@@ -77,7 +77,7 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
     for key in ("host_budget_gb", "pageable_budget_gb", "host_reserve_gb"):
         if not _number_ok(opts[key], allow_none=True):
             errors.append(f"option {key!r} must be a number of GiB >= 0 or None, got {opts[key]!r}")
-    for key, low in (("keep_last_on_gpu", 0), ("prefetch", 1), ("every_n_layers", 1)):
+    for key, low in (("keep_last_on_gpu", 0), ("prefetch", 0), ("every_n_layers", 1)):
         if not _number_ok(opts[key], integer=True, minimum=low):
             errors.append(f"option {key!r} must be an integer >= {low}, got {opts[key]!r}")
     if not isinstance(opts["preserve_rng_state"], bool):
