@@ -129,6 +129,26 @@ def test_parity_on_demand_without_prefetch(tok):
     assert stats["offloaded_fraction"] == 1.0
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_parity_with_chunked_mlp_recompute(tok, lora):
+    stats: dict = {}
+    opts = {"offload": "always", "prefetch": 0, "keep_last_on_gpu": 0, "mlp_chunks": 3}
+    _assert_same(_run(tok, lora=lora, dropout=0.1, steps=6),
+                 _run(tok, opts, lora=lora, dropout=0.1, steps=6, collect=stats))
+    assert stats["calls"] == 18
+
+
+def test_chunked_mlp_is_undone_and_refused_without_dense_mlp(tok):
+    model = _model(tok, layers=2)
+    with sft_plugins.compose([NAME], options={NAME: {"mlp_chunks": 2}}) as stack:
+        stack.prepare(model=model)
+        assert "forward" in model.model.layers[0].mlp.__dict__
+    assert all("forward" not in layer.mlp.__dict__ for layer in model.model.layers)
+    model.model.layers[1].mlp = torch.nn.Identity()
+    with pytest.raises(PluginError, match="mlp_chunks"):
+        sft_plugins.compose([NAME], options={NAME: {"mlp_chunks": 2}}).prepare(model=model)
+
+
 def test_no_cuda_says_so_once(tok, monkeypatch):
     if CUDA:
         pytest.skip("only meaningful without CUDA")

@@ -403,6 +403,63 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, x_grad, *param_grads)
 
 
+class _TiledMLP(torch.autograd.Function):
+    """A token-wise MLP run in sequence chunks, each recomputed in backward: only its input is kept.
+
+    Used inside the layer recompute (``mlp_chunks``): the MLP's intermediate activations, the largest
+    part of a layer's (4 x intermediate_size per token), then exist for one chunk at a time.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[[torch.Tensor], torch.Tensor], chunks: int, x: torch.Tensor,
+                *params: torch.Tensor) -> torch.Tensor:
+        ctx.fn, ctx.chunks, ctx.params = fn, chunks, params
+        ctx.autocast = _autocast_state(x)  # backward runs after the recompute's autocast has exited
+        ctx.autocast_cache = torch.is_autocast_cache_enabled()
+        ctx.save_for_backward(x)
+        return torch.cat([fn(part) for part in x.chunk(chunks, dim=-2)], dim=-2)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        (x,) = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[2]
+        params = [p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        x_grad = torch.empty_like(x) if need_x else None
+        sums: list[Any] = [None] * len(params)
+        for part, g_part, out_part in zip(x.chunk(ctx.chunks, dim=-2), grad.chunk(ctx.chunks, dim=-2),
+                                          x_grad.chunk(ctx.chunks, dim=-2) if need_x else [None] * ctx.chunks):
+            part = part.detach().requires_grad_(need_x)
+            with ExitStack() as stack:
+                for device_type, enabled, dtype in ctx.autocast:
+                    stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
+                                                       cache_enabled=ctx.autocast_cache))
+                with torch.enable_grad():
+                    y = ctx.fn(part)
+            grads = torch.autograd.grad(y, ([part] if need_x else []) + params, g_part, allow_unused=True)
+            if need_x:
+                out_part.copy_(grads[0])
+                grads = grads[1:]
+            sums = [g if s is None else (s if g is None else s + g) for s, g in zip(sums, grads)]
+        it = iter(sums)
+        return (None, None, x_grad, *[next(it) if need else None for need in ctx.needs_input_grad[3:]])
+
+
+def make_tiled_forward(mlp: torch.nn.Module, chunks: int) -> Callable[..., Any]:
+    """An instance ``forward`` for a token-wise MLP that runs it through :class:`_TiledMLP` when a graph
+    is being built (the recompute), and as is otherwise."""
+    inner = mlp.__dict__.get("forward") or functools.partial(type(mlp).forward, mlp)
+
+    def tiled_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-2] < 2 * chunks:
+            return inner(x, *args, **kwargs)
+        params = [p for p in mlp.parameters() if p.requires_grad]
+        if not x.requires_grad and not params:
+            return inner(x)
+        return _TiledMLP.apply(inner, chunks, x, *params)
+
+    return tiled_forward
+
+
 def _requires_grad_anywhere(values: Iterable[Any], depth: int = 2) -> bool:
     for v in values:
         if isinstance(v, torch.Tensor):

@@ -42,6 +42,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "prefetch": 1,               # how many layers ahead backward copies inputs back (0: on demand, leanest)
     "preserve_rng_state": True,  # replay dropout exactly in the recompute (as torch's checkpoint does)
     "every_n_layers": 1,         # checkpoint one layer in n (HF's every_n_layers)
+    "mlp_chunks": 0,             # >0: in the recompute, run each layer's MLP in this many sequence chunks, each
+                                 # recomputed in backward (less GPU memory, one more MLP forward per layer)
 }
 _OFFLOAD_MODES = {"auto", "never", "always"}
 # HF/TRL gradient_checkpointing_kwargs we can honour: use_reentrant (ours has its own, exact, mechanics),
@@ -77,7 +79,7 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
     for key in ("host_budget_gb", "pageable_budget_gb", "host_reserve_gb"):
         if not _number_ok(opts[key], allow_none=True):
             errors.append(f"option {key!r} must be a number of GiB >= 0 or None, got {opts[key]!r}")
-    for key, low in (("keep_last_on_gpu", 0), ("prefetch", 0), ("every_n_layers", 1)):
+    for key, low in (("keep_last_on_gpu", 0), ("prefetch", 0), ("every_n_layers", 1), ("mlp_chunks", 0)):
         if not _number_ok(opts[key], integer=True, minimum=low):
             errors.append(f"option {key!r} must be an integer >= {low}, got {opts[key]!r}")
     if not isinstance(opts["preserve_rng_state"], bool):
@@ -137,7 +139,15 @@ def _is_standard_func(fn: Any) -> bool:
     return module.startswith(("torch.utils.checkpoint", "transformers."))
 
 
-def _model_errors(model: Any) -> list[str]:
+def _mlp_of(layer: Any) -> Any:
+    """The layer's dense, token-wise MLP (``layer.mlp`` of a *MLP class), or None (MoE blocks and others)."""
+    import torch
+
+    mlp = getattr(layer, "mlp", None)
+    return mlp if isinstance(mlp, torch.nn.Module) and type(mlp).__name__.endswith("MLP") else None
+
+
+def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str]:
     if model is None or isinstance(model, str):
         return [] if model is None else [f"{NAME} patches the model: pass a model instance, not {model!r}"]
     layers = _ckpt_layers(model)
@@ -150,6 +160,9 @@ def _model_errors(model: Any) -> list[str]:
     if custom:
         return [f"the model's layers already carry a custom checkpointing function ({sorted(custom)}): another "
                 f"plugin or library patched checkpointing; undo it first or drop {NAME}"]
+    if _options(options)["mlp_chunks"] and any(_mlp_of(layer) is None for layer in layers):
+        return [f"option mlp_chunks needs a dense MLP at layer.mlp in every layer (token-wise, e.g. LlamaMLP); "
+                f"{type(layers[0]).__name__} has {type(getattr(layers[0], 'mlp', None)).__name__}: set mlp_chunks=0"]
     return []
 
 
@@ -243,6 +256,10 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> _Patch:
             plan = _offload.LayerPlan(offloader, slot, keep=slot >= keep_from)
             fn = _offload.make_checkpoint_fn(module, plan)
             patch.funcs[id(module)] = fn
+            mlp = _mlp_of(module) if opts["mlp_chunks"] else None
+            if mlp is not None:
+                patch.saved.append((mlp, {"forward": mlp.__dict__.get("forward", _MISSING)}))
+                mlp.forward = _offload.make_tiled_forward(mlp, opts["mlp_chunks"])
         else:
             # A non-layer module with the flag (e.g. LlamaModel): set it as HF does, so its use_cache
             # handling matches; if an older-style model checkpoints from there, it gets torch's checkpoint.
@@ -282,7 +299,7 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
 
 @hookimpl
 def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
-    return _option_errors(options) + _args_errors(args) + _model_errors(model)
+    return _option_errors(options) + _args_errors(args) + _model_errors(model, options)
 
 
 @hookimpl
@@ -296,7 +313,7 @@ def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any] | None
 
 @hookimpl
 def sft_patch_model(model: Any, args: Any, options: dict[str, Any]) -> Callable[[], None]:
-    errors = _option_errors(options) + _args_errors(args) + _model_errors(model)
+    errors = _option_errors(options) + _args_errors(args) + _model_errors(model, options)
     if errors:  # prepare() ran sft_check already; this guards direct calls
         raise PluginError(f"{NAME}: " + "; ".join(errors))
     for patch in _ACTIVE:
