@@ -130,6 +130,48 @@ def test_flex_block_mask_logic_cpu(tok):
     assert sum(lens) == 16
 
 
+def _fake_varlen(with_gqa_flag: bool):
+    """A CPU stand-in with varlen_attn's two known signatures (causal via window_size), to check our
+    layout, causality and GQA handling; the real kernel runs in the GPU tests."""
+
+    def run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+            window_size=(-1, -1), **kw):
+        assert tuple(window_size) == (-1, 0), "must ask for causal attention"
+        assert kw.get("enable_gqa", False) or key.shape[1] == query.shape[1]
+        cu = cu_seq_q.tolist()
+        outs = []
+        for s, e in zip(cu[:-1], cu[1:]):
+            q, k, v = (t[s:e].transpose(0, 1) for t in (query, key, value))
+            outs.append(F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                       enable_gqa=k.shape[0] != q.shape[0]).transpose(0, 1))
+        return torch.cat(outs)
+
+    if with_gqa_flag:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size,
+                       enable_gqa=enable_gqa)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1)):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window_size=window_size)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("with_gqa_flag", [True, False])
+def test_varlen_call_layout_with_cpu_stand_in(monkeypatch, with_gqa_flag):
+    import inspect
+
+    from sft_plugins.plugins import _packed_attention as pa
+
+    fake = _fake_varlen(with_gqa_flag)
+    monkeypatch.setattr(pa, "_varlen_kwargs", lambda: (fake, frozenset(inspect.signature(fake).parameters)))
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 5, 8, 16], dtype=torch.int32)
+    q, k, v = torch.randn(1, 4, 16, 8), torch.randn(1, 2, 16, 8), torch.randn(1, 2, 16, 8)
+    torch.testing.assert_close(pa._run_varlen(q, k, v, cu, 8, 0.3), pa._run_loop(q, k, v, cu, 0.3))
+
+
 # -- the traps --------------------------------------------------------------------------------------
 def test_all_ones_mask_trap(tok):
     """An all-ones attention mask next to packed position_ids lets sequences see each other; our

@@ -19,6 +19,7 @@ attention mask (a padded batch, e.g. from another collator) or with a KV cache g
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from typing import Any, Callable
@@ -34,11 +35,12 @@ _state: dict[str, Any] = {"backend": "loop", "registered": 0, "fallbacks": 0}
 
 
 def varlen_available() -> bool:
+    """``varlen_attn`` exists and can be made causal (``is_causal`` or ``window_size`` keyword)."""
     try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+        _, params = _varlen_kwargs()
     except ImportError:
         return False
-    return True
+    return "is_causal" in params or "window_size" in params
 
 
 def flex_available() -> bool:
@@ -100,10 +102,11 @@ def _bounds(kwargs: dict[str, Any], b: int, t: int, device: torch.device) -> tup
 
 
 # -- the three backends; q/k/v come as [B, H, T, D], the result goes back as [B, T, H, D] ----------
-def _varlen_kwargs() -> tuple[Callable, set[str]]:
+@functools.lru_cache(maxsize=1)
+def _varlen_kwargs() -> tuple[Callable, frozenset[str]]:
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn, set(inspect.signature(varlen_attn).parameters)
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _run_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, ml: int,
@@ -117,10 +120,14 @@ def _run_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Ten
     kw: dict[str, Any] = {}
     if "is_causal" in params:
         kw["is_causal"] = True
-    else:
+    else:  # varlen_available() made sure one of the two exists
         kw["window_size"] = (-1, 0)  # (left unbounded, right 0) = causal, per varlen_attn's docstring
     if scaling is not None:
-        kw["scale"] = scaling
+        if "scale" in params:
+            kw["scale"] = scaling
+        elif abs(scaling - d ** -0.5) > 1e-6 * d ** -0.5:
+            raise RuntimeError("this torch's varlen_attn takes no scale; the model needs a non-default one: "
+                               "use the padding_free option attention='flex'")
     if hk != hq:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
