@@ -166,7 +166,7 @@ def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str
     return []
 
 
-@dataclass
+@dataclass(eq=False)  # identity: _ACTIVE.remove() must drop this patch, not an equal-looking one
 class _Patch:
     """What one sft_patch_model did, to undo it and to check it is still in place."""
 
