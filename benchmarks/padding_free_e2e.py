@@ -146,7 +146,8 @@ def child_train(name: str, smoke: bool, steps: int, warmup: int) -> dict[str, An
            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "final_loss": logs[-1].get("loss"), "mean_len": round(mean_len, 1), "attn_implementation": attention,
            "packed_backend": _packed_attention._state["backend"] if attention == _packed_attention.IMPL_NAME else None,
-           "sdpa_fallback_calls": _packed_attention._state["fallbacks"]}
+           "sdpa_fallback_calls": _packed_attention._state["fallbacks"],
+           "backend_errors": {k: v for k, v in _packed_attention._state.items() if k.endswith("_error")}}
     store = stack.options.get("packing", {}).get("_datasets")
     if store:
         out["packing_stats"] = store[0].stats

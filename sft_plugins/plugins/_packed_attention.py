@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 import weakref
 from typing import Any, Callable
 
@@ -205,11 +206,26 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     b, _, t, _ = query.shape
     cu, ml = _bounds(kwargs, b, t, query.device)
     backend = _state["backend"]
-    if backend == "varlen" and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+    if backend == "varlen" and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
+        backend = "flex" if query.is_cuda else "loop"  # the flash kernel needs CUDA and fp16/bf16
+    if backend in ("varlen", "flex") and not _state.get(backend + "_ok"):
+        # First call of a kernel on this machine: if it cannot run here (an older torch, an unsupported
+        # GPU), say so once and take the next exact path instead of failing the run.
+        try:
+            out = _run_varlen(query, key, value, cu, ml, scaling) if backend == "varlen" else \
+                _run_flex(query, key, value, cu, scaling)
+            _state[backend + "_ok"] = True
+            return out, None
+        except (RuntimeError, TypeError, NotImplementedError, ValueError) as exc:
+            fallback = "flex" if backend == "varlen" and query.is_cuda and flex_available() else "loop"
+            _state[backend + "_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            _state["backend"] = fallback
+            warnings.warn(f"sft_packed: {backend} attention failed here ({_state[backend + '_error']}); "
+                          f"using {fallback} (exact, possibly slower)", stacklevel=2)
+            return packed_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
+    if backend == "varlen":
         out = _run_varlen(query, key, value, cu, ml, scaling)
-    elif backend in ("varlen", "flex") and query.is_cuda:
-        out = _run_flex(query, key, value, cu, scaling)
-    elif backend == "flex" and not query.is_cuda and flex_available():
+    elif backend == "flex" and (query.is_cuda or flex_available()):
         out = _run_flex(query, key, value, cu, scaling)
     else:
         out = _run_loop(query, key, value, cu, scaling)

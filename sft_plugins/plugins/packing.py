@@ -243,8 +243,9 @@ class PackedRows:
         p = self.packing
         items = p.row_items[p.row_ptr[i]:p.row_ptr[i + 1]]
         sl = [slice(int(self.starts[j]), int(self.starts[j] + self.lengths[j])) for j in items]
-        return {"input_ids": np.concatenate([self.tokens[s] for s in sl]).tolist(),
-                "labels": np.concatenate([self.labels[s] for s in sl]).tolist(),
+        # numpy rows (not lists): the collator takes them without a Python round trip per token
+        return {"input_ids": np.concatenate([self.tokens[s] for s in sl]).astype(np.int64),
+                "labels": np.concatenate([self.labels[s] for s in sl]).astype(np.int64),
                 "seq_lengths": [int(self.lengths[j]) for j in items]}
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
