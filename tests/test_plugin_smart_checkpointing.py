@@ -467,7 +467,9 @@ def test_gpu_checkpoints_leave_the_gpu(tok):
 
     per_layer = seq * hidden * 2
     hf, ours = held("hf"), held("ours")
-    assert hf - ours >= (layers - 1) * per_layer * 0.9
+    # ours still holds the last layer's input (keep_last_on_gpu=1) and layer 0's: LlamaModel.forward keeps
+    # a reference to the embeddings until it returns (that copy is freed before backward)
+    assert hf - ours >= (layers - 2) * per_layer * 0.9
 
 
 @needs_cuda
