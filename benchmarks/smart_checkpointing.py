@@ -41,6 +41,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -218,10 +219,10 @@ def measure(model: Any, arm: str, seq: int, steps: int, device: str) -> dict[str
             if arm.startswith("ours"):
                 st = sc_patch.offloader.stats()
                 row.update(offloaded_fraction=st["offloaded_fraction"], offload_stats=st)
-    except Exception as exc:  # an arm that does not fit is a result, not a crash
+    except Exception as exc:  # an arm that does not fit (or breaks) is a result, not the end of the run
+        row.update(error="OOM" if _is_oom(exc) else f"{type(exc).__name__}: {exc}"[:500])
         if not _is_oom(exc):
-            raise
-        row.update(error="OOM")
+            traceback.print_exc()
     finally:
         stepper.close()
         _cleanup()
@@ -258,6 +259,18 @@ def max_seq(model: Any, arm: str, device: str, start: int, limit: int, probes: i
         return tried[n]
 
     lo, hi, n = 0, None, start
+    try:
+        lo, hi = _search(probe, tried, n, limit, probes)
+    except Exception as exc:  # a peer that breaks (not OOM) is reported, the run goes on
+        traceback.print_exc()
+        lo = max([k for k, ok in tried.items() if ok], default=0)
+        return {"arm": arm, "max_seq": lo, "first_oom": hi, "probes": dict(sorted(tried.items())),
+                "error": f"{type(exc).__name__}: {exc}"[:500]}
+    return {"arm": arm, "max_seq": lo, "first_oom": hi, "probes": dict(sorted(tried.items()))}
+
+
+def _search(probe: Any, tried: dict[int, bool], n: int, limit: int, probes: int) -> tuple[int, int | None]:
+    lo, hi = 0, None
     while len(tried) < probes:
         if probe(n):
             lo = n
@@ -278,7 +291,7 @@ def max_seq(model: Any, arm: str, device: str, start: int, limit: int, probes: i
             lo = mid
         else:
             hi = mid
-    return {"arm": arm, "max_seq": lo, "first_oom": hi, "probes": dict(sorted(tried.items()))}
+    return lo, hi
 
 
 # -- the run ----------------------------------------------------------------------------------------
@@ -312,6 +325,8 @@ def main() -> int:
 
     import torch
 
+    from sft_plugins.plugins._offload import host_memory
+
     cfg = plan(args.smoke)
     budget = args.budget_s or cfg["budget_s"]
     device = cfg["device"]
@@ -325,6 +340,8 @@ def main() -> int:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "gpu_total_gib": torch.cuda.get_device_properties(0).total_memory / GiB if device == "cuda" else None,
         "versions": versions(), "plan": json.loads(json.dumps(cfg, default=str)), "timing": [], "cap": None,
+        # ours sizes its default pinned budget from these (min(25% of total, 50% of available))
+        "host_ram_gib": dict(zip(("total", "available"), (v / GiB for v in host_memory()))),
         "skipped": [],
     }
 
@@ -423,7 +440,8 @@ def table(out: dict[str, Any]) -> str:
         lines += ["", f"Longest sequence under a {out['cap']['gib']} GiB cap ({out['cap']['model']}, LoRA, batch 1):",
                   "", "| arm | max seq | first OOM |", "|---|---|---|"]
         for r in out["cap"]["results"]:
-            lines.append(f"| {r['arm']} | {r['max_seq']} | {r['first_oom'] or '—'} |")
+            lines.append(f"| {r['arm']} | {r['max_seq']} | {r['first_oom'] or '—'} |"
+                         + (f" error: {r['error'][:80]}" if r.get("error") else ""))
     t = out.get("targets", {})
     lines += ["", f"Targets: off GPU ≥ {TARGET_OFFLOADED:.0%}: {t.get('offloaded_ok')}; step ≤ "
                   f"{TARGET_STEP_RATIO}× hf: {t.get('step_ratio_ok')}; longer max seq than hf and TRL: "
