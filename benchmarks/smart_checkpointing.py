@@ -164,10 +164,13 @@ def arm_context(arm: str, model: Any):
 def _cleanup() -> None:
     import torch
 
+    from sft_plugins.plugins._offload import empty_host_cache
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
+        empty_host_cache()  # an arm's cached pinned blocks must not shrink the next arm's host budget
 
 
 def _is_oom(exc: BaseException) -> bool:
