@@ -338,22 +338,25 @@ def _guard_class() -> type:
     class SmartCheckpointingGuard(TrainerCallback):
         """Fails loudly if something replaced our checkpointing after prepare() (a silent no-op otherwise)."""
 
-        def _check(self, args: Any) -> None:
+        def _check(self, args: Any, model: Any) -> None:
             flag = getattr(args, "activation_checkpointing", getattr(args, "gradient_checkpointing", False))
             if flag:
                 raise PluginError(f"args.gradient_checkpointing was turned back on after {NAME} prepared them; "
                                   "the trainer would replace our checkpointing: leave it False")
+            ids = {id(m) for m in model.modules()} if model is not None else None
             for patch in _ACTIVE:
+                if ids is not None and not (patch.layers and id(patch.layers[0]) in ids):
+                    continue  # another stack's model
                 if not patch.intact():
                     raise PluginError(f"{NAME}'s checkpointing function was replaced on the model (by "
                                       "gradient_checkpointing_enable() or another plugin) after prepare(): "
                                       "don't enable checkpointing yourself, or drop " + NAME)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._check(args)
+            self._check(args, kwargs.get("model"))
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._check(args)
+            self._check(args, kwargs.get("model"))
 
     return SmartCheckpointingGuard
 
