@@ -1,0 +1,238 @@
+"""Per-arm summaries, the parity verdict, and the three text outputs: terminal table, report.md,
+results.json. Pure functions of the child results (no torch), so they are cheap to test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from ._config import BASELINE, BF16_PARITY_FLOOR
+
+RESULTS_VERSION = 1
+
+
+# -- numbers --------------------------------------------------------------------------------------
+
+def summarize(arm: Mapping[str, Any], skip_steps: int) -> dict[str, Any]:
+    """tokens/s over the steps after the first ``skip_steps`` (warm-up: allocator, kernel autotuning,
+    lazily built optimizer state), peak memory, final loss."""
+    steps = [s for s in arm.get("steps", []) if s.get("loss") is not None]
+    timed = steps[skip_steps:] if len(steps) > skip_steps else steps
+    seconds = sum(s["time_s"] for s in timed)
+    tokens = sum(s["tokens"] for s in timed)
+    peaks = [s["peak_memory_bytes"] for s in steps if s.get("peak_memory_bytes")]
+    return {
+        "steps_done": len(steps),
+        "timed_steps": len(timed),
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "tokens_per_s": tokens / seconds if seconds > 0 and tokens else None,
+        "step_s": seconds / len(timed) if timed else None,
+        "tokens_per_step": tokens / len(timed) if timed else None,
+        "peak_memory_bytes": max(peaks) if peaks else None,
+    }
+
+
+def tolerance_of(arm: Mapping[str, Any], infos: Mapping[str, Mapping[str, Any]]) -> tuple[float | None, str]:
+    """The loss-parity tolerance an arm promises: its plugin's, for a combination the loosest of its
+    members', and none when any member makes no promise. The child's ``sft_describe`` (which sees
+    the plugin options) wins over the one read at discovery."""
+    described = arm.get("describe") or {}
+    tols = []
+    for name in arm.get("plugins", []):
+        desc = described.get(name) or {}
+        tol = desc["loss_parity"] if "loss_parity" in desc else (infos.get(name) or {}).get("loss_parity")
+        if tol is None:
+            return None, f"{name} makes no loss-parity promise"
+        tols.append(float(tol))
+    if not tols:
+        return None, "reference"
+    return max(tols), ""
+
+
+def parity(arm: Mapping[str, Any], base: Mapping[str, Any] | None, infos: Mapping[str, Mapping[str, Any]],
+           bf16: bool) -> dict[str, Any]:
+    """Max relative per-step loss difference to the baseline, and the verdict against the promise."""
+    promised, why = tolerance_of(arm, infos)
+    out: dict[str, Any] = {"promised": promised, "tolerance": None, "max_rel_diff": None, "verdict": None,
+                           "steps_compared": 0, "note": why}
+    if not arm.get("plugins"):
+        return out
+    if base is None or base.get("status") != "ok":
+        out["note"] = "no baseline to compare with"
+        return out
+    ref = {s["step"]: s["loss"] for s in base.get("steps", []) if s.get("loss") is not None}
+    diffs = [abs(s["loss"] - ref[s["step"]]) / max(abs(ref[s["step"]]), 1e-12)
+             for s in arm.get("steps", []) if s.get("loss") is not None and s["step"] in ref]
+    if diffs:
+        out["max_rel_diff"] = max(diffs)
+        out["steps_compared"] = len(diffs)
+    if promised is None:
+        return out
+    if arm.get("status") != "ok" or not diffs:
+        out["note"] = "the arm did not finish" if arm.get("status") != "ok" else "no steps to compare"
+        return out
+    tol = max(promised, BF16_PARITY_FLOOR) if bf16 else promised
+    out["tolerance"] = tol
+    if bf16 and tol > promised:
+        out["note"] = f"bf16 run: tolerance raised from {promised:g} to the {BF16_PARITY_FLOOR:g} floor"
+    finite = all(math.isfinite(d) for d in diffs)
+    out["verdict"] = "pass" if finite and out["max_rel_diff"] <= tol else "fail"
+    return out
+
+
+def finalize(config: Mapping[str, Any], arms: list[dict[str, Any]], infos: Mapping[str, Mapping[str, Any]],
+             skip_steps: int, wall_s: float) -> dict[str, Any]:
+    """The content of results.json: every arm with its steps, summary, ratios and parity."""
+    base = next((a for a in arms if a["name"] == BASELINE), None)
+    env_arm = next((a for a in arms if a.get("device")), {})
+    bf16 = bool(env_arm.get("bf16"))
+    for arm in arms:
+        arm["summary"] = summarize(arm, skip_steps)
+        arm["parity"] = parity(arm, base, infos, bf16)
+    bsum = (base or {}).get("summary") or {}
+    for arm in arms:
+        s = arm["summary"]
+        s["speedup"] = _ratio(s["tokens_per_s"], bsum.get("tokens_per_s"))
+        s["memory_ratio"] = _ratio(s["peak_memory_bytes"], bsum.get("peak_memory_bytes"))
+    return {
+        "version": RESULTS_VERSION,
+        "config": dict(config),
+        "environment": {k: env_arm.get(k) for k in ("device", "device_name", "dtype", "bf16", "memory_kind",
+                                                     "versions", "model_parameters")},
+        "skip_steps": skip_steps,
+        "wall_s": wall_s,
+        "plugins": {k: dict(v) for k, v in infos.items()},
+        "arms": arms,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
+
+
+# -- formatting -----------------------------------------------------------------------------------
+
+def fmt_bytes(n: float | None) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}" if unit == "GiB" else f"{n / size:,.0f} {unit}"
+    return f"{n / 1024:,.0f} KiB"
+
+
+def fmt_num(x: float | None, spec: str = ",.0f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def fmt_parity(p: Mapping[str, Any]) -> str:
+    diff = p.get("max_rel_diff")
+    d = "-" if diff is None else f"{diff:.1e}"
+    if p.get("verdict") == "pass":
+        return f"pass {d} ≤ {p['tolerance']:.0e}"
+    if p.get("verdict") == "fail":
+        return f"FAIL {d} > {p['tolerance']:.0e}"
+    if p.get("promised") is None and p.get("note") not in ("reference", None):
+        return f"no promise (Δ {d})" if diff is not None else "no promise"
+    return "reference" if p.get("note") == "reference" else "-"
+
+
+def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
+    """One row of display strings per arm, shared by the terminal table and report.md."""
+    out = []
+    for arm in results["arms"]:
+        s, p = arm.get("summary", {}), arm.get("parity", {})
+        status = arm["status"]
+        out.append({
+            "arm": arm["name"],
+            "status": status if status == "ok" else status.upper(),
+            "steps": f"{s.get('steps_done', 0)}",
+            "final loss": fmt_num(s.get("final_loss"), ".4f"),
+            "loss parity": fmt_parity(p) if status == "ok" else "-",
+            "tokens/s": fmt_num(s.get("tokens_per_s")),
+            "vs base": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×",
+            "ms/step": "-" if s.get("step_s") is None else f"{s['step_s'] * 1000:,.0f}",
+            "peak mem": fmt_bytes(s.get("peak_memory_bytes")),
+            "mem vs base": "-" if s.get("memory_ratio") is None else f"{s['memory_ratio']:.2f}×",
+        })
+    return out
+
+
+def one_line(text: str | None, limit: int = 160) -> str:
+    line = " ".join((text or "").split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def terminal_table(results: Mapping[str, Any]) -> Any:
+    from rich.table import Table
+
+    env = results["environment"]
+    title = (f"sft-plugins ablate: {results['config']['model']} on {env.get('device_name') or env.get('device')} "
+             f"({env.get('dtype')}), {results['config']['steps']} steps")
+    table = Table(title=title, caption=f"tokens/s over steps {results['skip_steps'] + 1}+; peak mem = "
+                                       f"{env.get('memory_kind') or '-'}; results in {results['output_dir']}")
+    data = rows(results)
+    for col in (data[0].keys() if data else ["arm"]):
+        table.add_column(col, justify="left" if col in ("arm", "status", "loss parity") else "right")
+    for arm, row in zip(results["arms"], data):
+        style = {"ok": None, "skipped": "dim"}.get(arm["status"], "red")
+        parity_style = {"pass": "green", "fail": "bold red"}.get(arm.get("parity", {}).get("verdict") or "", "")
+        cells = [f"[{parity_style}]{v}[/]" if k == "loss parity" and parity_style else v for k, v in row.items()]
+        table.add_row(*cells, style=style)
+    return table
+
+
+def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    cfg, env = results["config"], results["environment"]
+    data = rows(results)
+    lines = [
+        "# sft-plugins ablation",
+        "",
+        f"Model `{cfg['model']}` ({'LoRA r=%d' % cfg['lora_r'] if cfg['lora'] else 'full fine-tuning'}), "
+        f"dataset `{cfg['dataset'] or 'generated (sft_plugins.embedded)'}`, trainer `{cfg['trainer']}`, "
+        f"{cfg['steps']} steps × batch {cfg['batch_size']}, max length {cfg['max_length']}, "
+        f"lr {cfg['lr']:g}, seed {cfg['seed']}.",
+        f"Device: {env.get('device_name') or env.get('device')} ({env.get('dtype')}); "
+        + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
+        f"Total wall time {results['wall_s']:.0f} s; every arm ran in a fresh process.",
+        "",
+    ]
+    if data:
+        keys = list(data[0].keys())
+        lines += ["| " + " | ".join(keys) + " |",
+                  "|" + "|".join("---" if k in ("arm", "status", "loss parity") else "---:" for k in keys) + "|"]
+        lines += ["| " + " | ".join(r[k].replace("|", "\\|") for k in keys) + " |" for r in data]
+    lines += [
+        "",
+        f"- **tokens/s**: loss-target tokens (labels ≠ -100 after the causal shift; pad and packing filler never "
+        f"count) per second of wall time, over steps {results['skip_steps'] + 1}–{cfg['steps']} (the first "
+        f"{results['skip_steps']} are warm-up). **vs base**: ratio to the baseline arm.",
+        f"- **peak mem**: {env.get('memory_kind') or '-'} (on CPU this is the whole process, imports included).",
+        "- **loss parity**: max over steps of |loss − baseline loss| / baseline loss, against the tolerance the "
+        "plugin promises (a combination: the loosest member's; none if any member makes no promise; "
+        f"bf16 runs: at least {BF16_PARITY_FLOOR:g}).",
+        "",
+    ]
+    for kind, path in plots.items():
+        lines += [f"![{kind}]({pathlib.Path(path).name})", ""]
+    problems = [a for a in results["arms"] if a["status"] != "ok"]
+    if problems:
+        lines += ["## Arms that did not finish", ""]
+        for arm in problems:
+            lines += [f"### {arm['name']}: {arm['status']}", "", one_line(arm.get("error"), 1000), ""]
+            tail = (arm.get("error_tail") or "").strip()
+            if tail:
+                lines += ["```", *tail.splitlines()[-15:], "```", ""]
+    notes = [(a["name"], a["parity"]["note"]) for a in results["arms"]
+             if a.get("parity", {}).get("note") and a["parity"]["note"] != "reference"]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {name}: {note}" for name, note in notes] + [""]
+    return "\n".join(lines)
+
+
+def write_json(results: Mapping[str, Any], path: pathlib.Path) -> None:
+    path.write_text(json.dumps(results, indent=1, default=str))
