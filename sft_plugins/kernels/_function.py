@@ -112,28 +112,56 @@ def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int
     return min(rows, (balanced + 7) // 8 * 8) if balanced >= 8 else balanced
 
 
-_FP32_OUT_MM_OK = True  # flips off once if this torch lacks CUDA mm/addmm with out_dtype
+def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:
+    """Manual split-K factor for dH = dlogits @ W ([C, V] x [V, H]: huge K, few output tiles).
+
+    Split only while the output has less than one wave of tiles and its [S, C, H] partials (+ an
+    fp32 sum) fit in what the workspace budget leaves after the logits buffer.
+    """
+    env = os.environ.get("SFT_PLUGINS_CE_DH_SPLIT")
+    if env:
+        return max(1, int(env))
+    if not w.is_cuda or not w.is_contiguous():
+        return 1
+    sms = torch.cuda.get_device_properties(w.device).multi_processor_count
+    tiles = math.ceil(rows / 128) * math.ceil(H / 256)  # cuBLAS's usual 128x256 Hopper tiles
+    split, elt = 1, w.element_size()
+    while (tiles * split < sms and split < 8 and V // (2 * split) >= 8192
+           and rows * H * (2 * split * elt + 4) <= leftover):
+        split *= 2
+    return split
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    global _FP32_OUT_MM_OK
-    if a.is_cuda and a.dtype != torch.float32 and _FP32_OUT_MM_OK:
+def _mm_dh(lg: torch.Tensor, w: torch.Tensor, split: int) -> torch.Tensor:
+    """dlogits @ W; with split > 1, a strided batched GEMM over V-slices summed in fp32."""
+    if split <= 1:
+        return torch.mm(lg, w)
+    c, V = lg.shape
+    H = w.shape[1]
+    vs = V // split
+    a = lg.as_strided((split, c, vs), (vs, lg.stride(0), 1))
+    b = w.as_strided((split, vs, H), (vs * H, H, 1))
+    out = torch.bmm(a, b).sum(0, dtype=torch.float32)
+    tail = split * vs
+    if tail < V:
+        out.addmm_(lg[:, tail:].float(), w[tail:].float())
+    return out.to(lg.dtype)
+
+
+def _scale_(t: torch.Tensor | None, g: torch.Tensor, backend: str) -> None:
+    """t *= g (0-dim tensor) in place, with no host sync on CUDA."""
+    if t is None or t.numel() == 0:
+        return
+    if t.is_cuda or backend == "triton":
         try:
-            return torch.ops.aten.mm.dtype(a, b, torch.float32)
-        except (RuntimeError, AttributeError):
-            _FP32_OUT_MM_OK = False
-    return torch.mm(a.float(), b.float())
+            from ._triton_ce import scale_inplace_triton
 
-
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    global _FP32_OUT_MM_OK
-    if a.is_cuda and a.dtype != torch.float32 and _FP32_OUT_MM_OK:
-        try:  # bf16 x bf16 -> fp32 C in place: no [V, H] temporary
-            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            scale_inplace_triton(t, g)
             return
-        except (RuntimeError, AttributeError):
-            _FP32_OUT_MM_OK = False
-    acc.add_(_mm_fp32(a, b))
+        except ImportError:
+            pass
+    if t.is_cuda or float(g) != 1.0:  # CPU: reading g is free
+        t.mul_(g.to(t.device))
 
 
 def _dw_acc_dtype(opts: _Opts, w_dtype: torch.dtype, V: int, H: int, budget: int) -> torch.dtype:
@@ -161,6 +189,8 @@ def _chunk_loop(
     need_w: bool,
     need_b: bool,
     row_scale: torch.Tensor | None,
+    grad_scale: float,
+    scale_t: torch.Tensor | None,
     loss_out: torch.Tensor,
     ent_out: torch.Tensor | None,
     top1_out: torch.Tensor | None,
@@ -187,6 +217,8 @@ def _chunk_loop(
         rows = min(rows, n_valid)
         buf = torch.empty(rows, V, dtype=cdt, device=dev)
         row_fn = _row_fn(opts.backend)
+        leftover = budget - rows * (V * h.element_size() + 2 * H * h.element_size())
+        split = _dh_split(rows, H, V, w, leftover) if need_h else 1
         wt = w.t()
         for start in range(0, n_valid, rows):
             end = min(start + rows, n_valid)
@@ -196,23 +228,27 @@ def _chunk_loop(
             torch.mm(hc, wt, out=lg)
             row_fn(
                 lg, r, labels, bias, row_scale, loss_out, ent_out, top1_out,
-                logit_scale=opts.logit_scale, softcap=opts.softcap, smoothing=opts.smoothing,
-                write_grad=write_grad,
+                grad_scale=grad_scale, scale_t=scale_t, logit_scale=opts.logit_scale,
+                softcap=opts.softcap, smoothing=opts.smoothing, write_grad=write_grad,
             )
             if need_b:
                 db += lg.sum(0, dtype=torch.float32)
             if need_h:
-                if contiguous:
+                if contiguous and split == 1:
                     torch.mm(lg, w, out=dh[start:end])
+                elif contiguous:
+                    dh[start:end] = _mm_dh(lg, w, split)
                 else:
-                    dh.index_copy_(0, r, torch.mm(lg, w))
+                    dh.index_copy_(0, r, _mm_dh(lg, w, split))
             if need_w:
                 if dw is None:
-                    dw = torch.mm(lg.t(), hc) if acc_dtype == cdt else _mm_fp32(lg.t(), hc)
+                    dw = torch.mm(lg.t(), hc)  # cuBLAS: fp32 accumulation over the C rows
+                    if acc_dtype != cdt:
+                        dw = dw.to(acc_dtype)
                 elif dw.dtype == cdt:
-                    dw.addmm_(lg.t(), hc)
+                    dw.addmm_(lg.t(), hc)  # partial sums added in W's dtype: one rounding a chunk
                 else:
-                    _addmm_fp32_(dw, lg.t(), hc)
+                    dw.add_(torch.mm(lg.t(), hc))  # fp32 accumulator of per-chunk partials
         del buf
     if need_w and dw is None:
         dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)
@@ -249,27 +285,31 @@ class _FusedLinearCE(torch.autograd.Function):
                 top1 = torch.empty(0, dtype=torch.uint8, device=dev)
             deferred = opts.reduction == "none" and (opts.need_w or opts.need_b)
             eager = not deferred
+            # d(logits) already carries the 1/denominator of "mean": backward then only multiplies
+            # by grad_output, which a device-side check skips when it is 1 (plain loss.backward())
+            grad_scale, scale_t = 1.0, None
+            inv: float | torch.Tensor = 1.0
+            if opts.reduction == "mean":
+                if denom is None:
+                    inv = grad_scale = 1.0 / max(n_valid, 1)  # all ignored -> 0 / 1 = 0, not NaN
+                else:
+                    inv = scale_t = 1.0 / torch.where(denom == 0, torch.ones_like(denom), denom)
             dh, dw, db = _chunk_loop(
                 h, w, bias, labels, idx, opts, weight.dtype,
                 need_h=eager and opts.need_h, need_w=eager and opts.need_w,
-                need_b=eager and opts.need_b, row_scale=None, loss_out=loss_rows,
+                need_b=eager and opts.need_b, row_scale=None, grad_scale=grad_scale,
+                scale_t=scale_t, loss_out=loss_rows,
                 ent_out=ent if opts.want_stats else None,
                 top1_out=top1 if opts.want_stats else None,
             )
-            inv: float | torch.Tensor = 1.0
             if opts.reduction == "none":
                 out = loss_rows
             elif opts.reduction == "sum":
                 out = loss_rows.sum()
             else:
-                if denom is None:
-                    inv = 1.0 / max(n_valid, 1)  # all ignored -> 0 / 1 = 0, not NaN
-                else:
-                    inv = 1.0 / torch.where(denom == 0, torch.ones_like(denom), denom)
                 out = loss_rows.sum() * inv
         ctx.opts = opts
         ctx.deferred = deferred
-        ctx.inv = inv
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.dh, ctx.dw, ctx.db = dh, dw, db
         if deferred:
@@ -290,7 +330,8 @@ class _FusedLinearCE(torch.autograd.Function):
                 dh, dw, db = _chunk_loop(
                     h, w, bias, labels, idx, opts, w_dtype,
                     need_h=opts.need_h, need_w=opts.need_w, need_b=opts.need_b,
-                    row_scale=g_out.float().contiguous(), loss_out=scratch,
+                    row_scale=g_out.float().contiguous(), grad_scale=1.0, scale_t=None,
+                    loss_out=scratch,
                     ent_out=None, top1_out=None,
                 )
                 if dw is not None:
@@ -302,13 +343,13 @@ class _FusedLinearCE(torch.autograd.Function):
                     if dh is not None:
                         dh.mul_(g_out.to(dh.dtype)[:, None])
                 else:
-                    g = g_out.float() * ctx.inv
-                    if dh is not None:
-                        dh.mul_(g)
-                    if dw is not None:
-                        dw = dw.mul_(g) if dw.dtype == w_dtype else (dw * g).to(w_dtype)
-                    if db is not None:
-                        db.mul_(g)
+                    g = g_out.detach().float()
+                    _scale_(dh, g, opts.backend)
+                    if dw is not None and dw.dtype != w_dtype:
+                        dw = (dw * g).to(w_dtype)  # fp32 accumulator mode
+                    else:
+                        _scale_(dw, g, opts.backend)
+                    _scale_(db, g, opts.backend)
             if dh is not None and dh.dtype != h_dtype:
                 dh = dh.to(h_dtype)
             if db is not None and b_dtype is not None:

@@ -20,6 +20,8 @@ def ce_rows_torch(
     ent_out: torch.Tensor | None,
     top1_out: torch.Tensor | None,
     *,
+    grad_scale: float,
+    scale_t: torch.Tensor | None,
     logit_scale: float,
     softcap: float | None,
     smoothing: float,
@@ -56,7 +58,9 @@ def ce_rows_torch(
         d.scatter_add_(1, y[:, None], torch.full_like(zy[:, None], -(1.0 - smoothing)))
         if th is not None:
             d *= 1.0 - th * th
-        d *= logit_scale
+        d *= logit_scale * grad_scale
+        if scale_t is not None:
+            d *= scale_t.float()
         if row_scale is not None:
             d *= row_scale.index_select(0, rows).float()[:, None]
         logits.copy_(d)

@@ -34,17 +34,20 @@ def _ce_rows_kernel(
     labels_ptr,  # [N] int: labels of the full batch
     bias_ptr,  # [V] or dummy
     row_scale_ptr,  # [N] fp32 per-token upstream grad (reduction="none", deferred mode) or dummy
+    scale_ptr,  # 0-dim fp32 on the device (1 / num_items_in_batch) or dummy
     loss_ptr,  # [N] fp32 out: per-token loss
     ent_ptr,  # [N] fp32 out: entropy (WANT_STATS)
     top1_ptr,  # [N] uint8 out: label is the argmax (WANT_STATS)
     V,
     logit_scale,
+    grad_scale,  # host-known factor of d(logits), e.g. 1 / n_valid for "mean"
     softcap,
     smoothing,
     HAS_BIAS: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     SMOOTH: tl.constexpr,
     HAS_ROW_SCALE: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WANT_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -99,7 +102,9 @@ def _ce_rows_kernel(
 
     # ---- pass 2: d(loss_row)/d(logits) = (p - smoothing/V - (1-smoothing)*onehot) * dz/dx ----
     if WRITE_GRAD:
-        g = logit_scale
+        g = logit_scale * grad_scale
+        if HAS_SCALE_PTR:
+            g = g * tl.load(scale_ptr).to(tl.float32)
         if HAS_ROW_SCALE:
             g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
         for start in range(0, V, BLOCK_V):
@@ -130,7 +135,7 @@ def _block_v(V: int, interpret: bool) -> int:
         return int(env)
     # GPU: 4096-wide blocks keep 16 B/lane loads with 8 warps and few loop trips; interpreter:
     # cost grows with loop trips, so take the whole (small) row in one block
-    cap = 1 << 14 if interpret else 4096
+    cap = 1 << 14 if interpret else 8192
     return min(triton.next_power_of_2(V), cap)
 
 
@@ -144,6 +149,8 @@ def ce_rows_triton(
     ent_out: torch.Tensor | None,
     top1_out: torch.Tensor | None,
     *,
+    grad_scale: float,
+    scale_t: torch.Tensor | None,
     logit_scale: float,
     softcap: float | None,
     smoothing: float,
@@ -158,7 +165,7 @@ def ce_rows_triton(
     want_stats = ent_out is not None
     dummy = loss_out  # never read when the matching flag is off
     block = _block_v(V, interpret)
-    num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or (8 if block >= 2048 else 4)
+    num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or (8 if block >= 4096 else 4)
     _ce_rows_kernel[(C,)](
         logits,
         logits.stride(0),
@@ -166,19 +173,43 @@ def ce_rows_triton(
         labels,
         bias if bias is not None else dummy,
         row_scale if row_scale is not None else dummy,
+        scale_t if scale_t is not None else dummy,
         loss_out,
         ent_out if want_stats else dummy,
         top1_out if want_stats else dummy,
         V,
         float(logit_scale),
+        float(grad_scale),
         float(softcap) if softcap else 1.0,
         float(smoothing),
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=bool(softcap),
         SMOOTH=smoothing != 0.0,
         HAS_ROW_SCALE=row_scale is not None,
+        HAS_SCALE_PTR=scale_t is not None,
         WRITE_GRAD=write_grad,
         WANT_STATS=want_stats,
         BLOCK_V=block,
         num_warps=num_warps,
     )
+
+
+@triton.jit
+def _scale_kernel(x_ptr, g_ptr, n, BLOCK: tl.constexpr):
+    g = tl.load(g_ptr).to(tl.float32)
+    if g != 1.0:  # device-side early exit: the usual loss.backward() (g == 1) moves no bytes
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * g).to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def scale_inplace_triton(x: torch.Tensor, g: torch.Tensor) -> None:
+    """x *= g for a 0-dim device tensor g, without a host sync and without traffic when g == 1."""
+    assert x.is_contiguous()
+    n = x.numel()
+    if n == 0:
+        return
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    block = min(triton.next_power_of_2(n), 1 << 16) if interpret else 8192
+    _scale_kernel[(triton.cdiv(n, block),)](x, g.float().reshape(()), n, BLOCK=block, num_warps=8)
