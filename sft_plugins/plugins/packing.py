@@ -24,6 +24,7 @@ SFTTrainer does, and counted in :attr:`PackedRows.stats` (also logged).
 from __future__ import annotations
 
 import logging
+import uuid
 import warnings
 from typing import Any, Callable
 
@@ -135,7 +136,8 @@ def _columns(dataset: Any) -> list[str]:
 
 
 def _flat_columns(dataset: Any, completion_only_loss: bool | None) -> tuple[Any, Any, Any]:
-    """``(tokens, labels, offsets)`` as flat numpy arrays (int32/int32/int64) of all examples."""
+    """``(tokens, labels, offsets)`` as flat numpy arrays of all examples (``labels is tokens`` when the
+    dataset has no labels or masks: every token is a label)."""
     import numpy as np
 
     from ._collate import build_labels
@@ -149,19 +151,19 @@ def _flat_columns(dataset: Any, completion_only_loss: bool | None) -> tuple[Any,
     except ImportError:
         fast = False
     if fast:
-        # Arrow columns straight to numpy: ~100x faster than Python rows for a million examples
+        # Arrow columns straight to numpy (zero-copy where the layout allows): ~100x faster than rows
         table = dataset.select_columns(["input_ids"] + (["labels"] if "labels" in cols else [])).with_format("arrow")[:]
-        ids_col = pa.concat_arrays(table.column("input_ids").chunks) if table.num_rows else pa.array([[]])
+        if table.num_rows == 0:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(1, np.int64)
+        ids_col = pa.concat_arrays(table.column("input_ids").chunks)
         offsets = np.asarray(ids_col.offsets, dtype=np.int64)
-        tokens = np.asarray(ids_col.flatten(), dtype=np.int32)
         offsets = offsets - offsets[0]
-        if "labels" in cols:
-            lab = pa.concat_arrays(table.column("labels").chunks)
-            labels = np.asarray(lab.flatten(), dtype=np.int32)
-            if labels.size != tokens.size:
-                raise ValueError("labels and input_ids differ in length")
-        else:
-            labels = tokens.copy()
+        tokens = ids_col.flatten().to_numpy(zero_copy_only=False)
+        if "labels" not in cols:
+            return tokens, tokens, offsets  # labels are the input ids: the same array, no copy
+        labels = pa.concat_arrays(table.column("labels").chunks).flatten().to_numpy(zero_copy_only=False)
+        if labels.size != tokens.size:
+            raise ValueError("labels and input_ids differ in length")
         return tokens, labels, offsets
     ids_parts, lab_parts, lens = [], [], []
     for ex in dataset:
@@ -202,10 +204,12 @@ def prepare_items(tokens: Any, labels: Any, offsets: Any, max_length: int, overl
                 starts = np.where(long, starts + lengths - max_length, starts)
             lengths = np.minimum(lengths, max_length)
     # An item needs a trainable label after its first token (the first is never predicted).
-    trainable = (labels != -100).astype(np.int64)
-    csum = np.concatenate(([0], np.cumsum(trainable)))
-    n_train = csum[starts + lengths] - csum[starts + 1] if starts.size else starts
-    has_loss = n_train > 0
+    if labels is tokens:  # labels = input ids: every token but the first trains
+        has_loss = lengths > 1
+    else:
+        csum = np.zeros(labels.size + 1, dtype=np.int64 if labels.size >= 2**31 else np.int32)
+        np.cumsum(labels != -100, out=csum[1:])
+        has_loss = (csum[starts + lengths] - csum[starts + 1]) > 0 if starts.size else np.zeros(0, bool)
     stats["no_loss_dropped"] = int((~has_loss).sum())
     return starts[has_loss], lengths[has_loss], stats
 
@@ -228,6 +232,7 @@ class PackedRows:
         self.max_length, self.seed, self.repack_each_epoch = max_length, seed, repack_each_epoch
         self.packing = pack(lengths, max_length, seed=seed)
         self.epoch = 0
+        self.token = uuid.uuid4().hex  # identifies this packing in datasets' fingerprints
         self.stats = {**stats, "items": int(lengths.size), "rows": self.packing.n_rows,
                       "tokens": self.packing.total_tokens, "fill": round(self.packing.fill, 6), "repacks": 0,
                       "repack_fallbacks": 0}
@@ -274,6 +279,26 @@ class PackedRows:
         self.epoch = epoch
 
 
+def _fingerprint_token(token: str) -> str:
+    return token
+
+
+def _register_light_fingerprint() -> None:
+    """``with_transform`` fingerprints its transform by pickling it through datasets' own pickler, which
+    for a PackedRows would serialise every token (~28 s per million examples). Teach that pickler (and
+    only it: DataLoader workers still get the real object) to hash a per-object token instead."""
+    try:
+        from datasets.utils._dill import Pickler, pklregister
+    except ImportError:  # another datasets layout: hashing is just slower
+        return
+    if PackedRows in Pickler.dispatch:
+        return
+
+    @pklregister(PackedRows)
+    def _save(pickler: Any, obj: PackedRows) -> None:
+        pickler.save_reduce(_fingerprint_token, (obj.token,), obj=obj)
+
+
 def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[str, Any]) -> tuple[Any, PackedRows]:
     """``(datasets.Dataset of packed rows, its PackedRows store)``."""
     from .._errors import PluginError
@@ -309,6 +334,7 @@ def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[s
     import numpy as np
     from datasets import Dataset
 
+    _register_light_fingerprint()
     hf = Dataset.from_dict({"row": np.arange(len(ds), dtype=np.int64)}).with_transform(ds)
     return hf, ds
 
