@@ -429,6 +429,16 @@ def test_gpu_parity_and_offloaded_fraction(tok, lora):
 
 
 @needs_cuda
+def test_gpu_lean_setting_is_exact(tok):
+    """Everything offloaded, fetched on demand, MLP recomputed in chunks: still the baseline's numbers."""
+    stats: dict = {}
+    opts = {"prefetch": 0, "keep_last_on_gpu": 0, "mlp_chunks": 2}
+    _assert_same(_run(tok, lora=True, layers=3, steps=6, device="cuda"),
+                 _run(tok, opts, lora=True, layers=3, steps=6, device="cuda", collect=stats))
+    assert stats["offloaded_fraction"] == 1.0
+
+
+@needs_cuda
 def test_gpu_buffers_are_pinned_and_reused(tok):
     model = _model(tok, layers=3, device="cuda")
     with sft_plugins.compose([NAME]) as stack:
