@@ -108,7 +108,17 @@ def test_packed_equals_alone_loop_backend(tok):
     _assert_same(ref, _packed(model, batch, samples))
     # without cu_seq_lens the backend finds the boundaries from position_ids
     _assert_same(ref, _packed(model, {k: batch[k] for k in ("input_ids", "position_ids")}, samples))
+    # a padded batch with an attention mask (another collator, eval) goes through sdpa with that mask
+    padded = torch.full((2, 20), tok.pad_token_id)
+    mask = torch.zeros(2, 20, dtype=torch.long)
+    for i, s in enumerate(samples[:2]):
+        padded[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    with torch.no_grad():
+        ours = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
     stack.undo()
+    with torch.no_grad():
+        theirs = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa" and model.config.use_cache is True
 
 

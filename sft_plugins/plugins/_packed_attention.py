@@ -232,20 +232,22 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     return out, None
 
 
-def packed_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-                mask_function: Callable | None = None, attention_mask: torch.Tensor | None = None,
-                **kwargs: Any) -> Any:
+def packed_mask(**kwargs: Any) -> Any:
     """Mask builder for :data:`IMPL_NAME`: no mask at all for packed or unpadded rows (the attention
-    takes boundaries from ``cu_seq_lens``/``position_ids``); sdpa's mask for padded batches or caches."""
-    if attention_mask is None and q_length == kv_length and q_offset == 0:
-        return None
+    takes boundaries from ``cu_seq_lens``/``position_ids``); sdpa's mask for padded batches or caches.
+
+    Keyword-only and forwarded untouched, because transformers changed these arguments between
+    releases (5.2x: ``q_length``/``q_offset``; earlier: ``cache_position``)."""
     from transformers.masking_utils import sdpa_mask
 
-    call: dict[str, Any] = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                                kv_offset=kv_offset, attention_mask=attention_mask, **kwargs)
-    if mask_function is not None:
-        call["mask_function"] = mask_function
-    return sdpa_mask(**call)
+    q_length = kwargs.get("q_length")
+    if q_length is None and kwargs.get("cache_position") is not None:
+        q_length = int(kwargs["cache_position"].shape[0])
+    no_cache = q_length is not None and q_length == kwargs.get("kv_length") and not kwargs.get("kv_offset") \
+        and not kwargs.get("q_offset")
+    if kwargs.get("attention_mask") is None and no_cache:
+        return None
+    return sdpa_mask(**kwargs)
 
 
 def register() -> None:
