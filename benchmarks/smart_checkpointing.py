@@ -147,8 +147,11 @@ def arm_context(arm: str, model: Any):
             yield None
     else:
         reentrant = arm == "trl_offload_reentrant"
+        emb = base.get_input_embeddings()
+        hooks_before = dict(emb._forward_hooks)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        model.enable_input_require_grads()  # what TRL does for PEFT models with checkpointing
+        if not getattr(base, "_require_grads_hooks", None) and not hasattr(base, "_require_grads_hook"):
+            base.enable_input_require_grads()  # what TRL does for PEFT models (5.2x's enable already did)
         try:
             ctx = None
             if arm.startswith("trl_offload"):
@@ -157,8 +160,10 @@ def arm_context(arm: str, model: Any):
                 ctx = get_act_offloading_ctx_manager(model=model, warn_if_no_head=False)
             yield ctx
         finally:
-            model.disable_input_require_grads()
             base.gradient_checkpointing_disable()
+            base.disable_input_require_grads()
+            emb._forward_hooks.clear()  # whatever either call left behind: the next arm starts clean
+            emb._forward_hooks.update(hooks_before)
 
 
 def _cleanup() -> None:
