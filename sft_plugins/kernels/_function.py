@@ -118,8 +118,10 @@ def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:
     Split only while the output has less than one wave of tiles and its [S, C, H] partials (+ an
     fp32 sum) fit in what the workspace budget leaves after the logits buffer.
     """
-    env = os.environ.get("SFT_PLUGINS_CE_DH_SPLIT")
-    if env:
+    # Off by default: on the H200, cuBLAS's own choice for the few-tile dH GEMM was as fast or
+    # faster (gemma2-2b frozen: 33.1 ms unsplit vs 34.8 ms split 2; benchmarks/notes_fused_ce.md).
+    env = os.environ.get("SFT_PLUGINS_CE_DH_SPLIT", "1")
+    if env != "auto":
         return max(1, int(env))
     if not w.is_cuda or not w.is_contiguous():
         return 1

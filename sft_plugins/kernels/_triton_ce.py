@@ -38,8 +38,10 @@ def _ce_rows_kernel(
     loss_ptr,  # [N] fp32 out: per-token loss
     ent_ptr,  # [N] fp32 out: entropy (WANT_STATS)
     top1_ptr,  # [N] uint8 out: label is the argmax (WANT_STATS)
+    C,
     V,
     logit_scale,
+    u_scale,  # logit_scale / softcap: a multiply instead of a (MUFU) divide per element
     grad_scale,  # host-known factor of d(logits), e.g. 1 / n_valid for "mean"
     softcap,
     smoothing,
@@ -52,81 +54,86 @@ def _ce_rows_kernel(
     WANT_STATS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    out_row = tl.load(rows_ptr + pid)
-    label = tl.load(labels_ptr + out_row).to(tl.int64)
-    base = logits_ptr + pid.to(tl.int64) * stride_row
+    # rows are strided over the programs: with a grid of a few programs per SM the rows in flight
+    # fit in L2, so pass 2 re-reads them from L2 instead of HBM; with grid == C it is one row each
+    for row in range(tl.program_id(0), C, tl.num_programs(0)):
+        out_row = tl.load(rows_ptr + row)
+        label = tl.load(labels_ptr + out_row).to(tl.int64)
+        base = logits_ptr + (tl.full([], 0, tl.int64) + row) * stride_row  # int64 offsets
 
-    # ---- pass 1: online max / sum-exp (and sum p*z, sum z) in fp32 -------------------------
-    m = float("-inf")
-    s = 0.0
-    t = 0.0  # sum exp(z - m) * z, for the entropy
-    sz = 0.0  # sum z, for label smoothing
-    for start in range(0, V, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < V
-        x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        z = x * logit_scale
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        zm = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(zm, 0))
-        e = tl.exp(zm - m_new)  # masked lanes: exp(-inf) = 0
-        alpha = tl.exp(m - m_new)
-        s = s * alpha + tl.sum(e, 0)
-        if WANT_STATS:
-            t = t * alpha + tl.sum(tl.where(mask, e * z, 0.0), 0)
-        if SMOOTH:
-            sz += tl.sum(tl.where(mask, z, 0.0), 0)
-        m = m_new
-    lse = m + tl.log(s)
-
-    # the label's logit, transformed the same way
-    xy = tl.load(base + label).to(tl.float32)
-    if HAS_BIAS:
-        xy += tl.load(bias_ptr + label).to(tl.float32)
-    zy = xy * logit_scale
-    if HAS_SOFTCAP:
-        zy = softcap * _tanh(zy / softcap)
-    if SMOOTH:
-        loss = lse - (1.0 - smoothing) * zy - smoothing * sz / V
-    else:
-        loss = lse - zy
-    tl.store(loss_ptr + out_row, loss)
-    if WANT_STATS:
-        tl.store(ent_ptr + out_row, lse - t / s)
-        # argmax == label, up to exact ties (a tie counts as a hit)
-        tl.store(top1_ptr + out_row, (zy >= m).to(tl.uint8))
-
-    # ---- pass 2: d(loss_row)/d(logits) = (p - smoothing/V - (1-smoothing)*onehot) * dz/dx ----
-    if WRITE_GRAD:
-        g = logit_scale * grad_scale
-        if HAS_SCALE_PTR:
-            g = g * tl.load(scale_ptr).to(tl.float32)
-        if HAS_ROW_SCALE:
-            g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+        # ---- pass 1: online max / sum-exp (and sum p*z, sum z) in fp32 ---------------------
+        m = float("-inf")
+        s = 0.0
+        t = 0.0  # sum exp(z - m) * z, for the entropy
+        sz = 0.0  # sum z, for label smoothing
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
             x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            z = x * logit_scale
             if HAS_SOFTCAP:
-                th = _tanh(z / softcap)
-                z = softcap * th
-            d = tl.exp(z - lse)
-            if SMOOTH:
-                d = d - smoothing / V
-                d = tl.where(offs == label, d - (1.0 - smoothing), d)
+                z = softcap * _tanh(x * u_scale)
             else:
-                d = tl.where(offs == label, d - 1.0, d)
-            if HAS_SOFTCAP:
-                d = d * (1.0 - th * th)
-            d = d * g
-            tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+                z = x * logit_scale
+            zm = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, 0))
+            e = tl.exp(zm - m_new)  # masked lanes: exp(-inf) = 0
+            alpha = tl.exp(m - m_new)
+            s = s * alpha + tl.sum(e, 0)
+            if WANT_STATS:
+                t = t * alpha + tl.sum(tl.where(mask, e * z, 0.0), 0)
+            if SMOOTH:
+                sz += tl.sum(tl.where(mask, z, 0.0), 0)
+            m = m_new
+        lse = m + tl.log(s)
+
+        # the label's logit, transformed the same way
+        xy = tl.load(base + label).to(tl.float32)
+        if HAS_BIAS:
+            xy += tl.load(bias_ptr + label).to(tl.float32)
+        if HAS_SOFTCAP:
+            zy = softcap * _tanh(xy * u_scale)
+        else:
+            zy = xy * logit_scale
+        if SMOOTH:
+            loss = lse - (1.0 - smoothing) * zy - smoothing * sz / V
+        else:
+            loss = lse - zy
+        tl.store(loss_ptr + out_row, loss)
+        if WANT_STATS:
+            tl.store(ent_ptr + out_row, lse - t / s)
+            # argmax == label, up to exact ties (a tie counts as a hit)
+            tl.store(top1_ptr + out_row, (zy >= m).to(tl.uint8))
+
+        # ---- pass 2: d(loss_row)/d(logits) = (p - eps/V - (1-eps)*onehot) * dz/dx ----------
+        if WRITE_GRAD:
+            g = logit_scale * grad_scale
+            if HAS_SCALE_PTR:
+                g = g * tl.load(scale_ptr).to(tl.float32)
+            if HAS_ROW_SCALE:
+                g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+            for start in range(0, V, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                mask = offs < V
+                x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_BIAS:
+                    x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                if HAS_SOFTCAP:
+                    th = _tanh(x * u_scale)
+                    z = softcap * th
+                else:
+                    z = x * logit_scale
+                d = tl.exp(z - lse)
+                if SMOOTH:
+                    d = d - smoothing / V
+                    d = tl.where(offs == label, d - (1.0 - smoothing), d)
+                else:
+                    d = tl.where(offs == label, d - 1.0, d)
+                if HAS_SOFTCAP:
+                    d = d * (1.0 - th * th)
+                d = d * g
+                tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_v(V: int, interpret: bool) -> int:
@@ -166,7 +173,12 @@ def ce_rows_triton(
     dummy = loss_out  # never read when the matching flag is off
     block = _block_v(V, interpret)
     num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or (8 if block >= 4096 else 4)
-    _ce_rows_kernel[(C,)](
+    grid = C
+    per_sm = int(os.environ.get("SFT_PLUGINS_CE_PROGRAMS_PER_SM", "0"))
+    if per_sm > 0:
+        sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
+        grid = min(C, per_sm * sms)
+    _ce_rows_kernel[(grid,)](
         logits,
         logits.stride(0),
         rows,
@@ -177,8 +189,10 @@ def ce_rows_triton(
         loss_out,
         ent_out if want_stats else dummy,
         top1_out if want_stats else dummy,
+        C,
         V,
         float(logit_scale),
+        float(logit_scale) / float(softcap) if softcap else 1.0,
         float(grad_scale),
         float(softcap) if softcap else 1.0,
         float(smoothing),

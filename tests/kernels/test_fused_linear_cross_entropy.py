@@ -202,8 +202,9 @@ def test_dw_accumulation_modes(backend, dw_accum):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable")
 def test_triton_multi_block_rows(monkeypatch):
-    """Rows longer than one block (the online max / sum-exp across blocks)."""
-    monkeypatch.setenv("SFT_PLUGINS_CE_BLOCK_V", "64")  # 300 = 4 full blocks + a masked tail
+    """Rows longer than one block (the online max / sum-exp across blocks), several rows/program."""
+    monkeypatch.setenv("SFT_PLUGINS_CE_BLOCK_V", "128")  # 300 = 2 full blocks + a masked tail
+    monkeypatch.setenv("SFT_PLUGINS_CE_PROGRAMS_PER_SM", "3")  # CPU: a grid of 3 programs
     h, w, _, y = _inputs(torch.float32, seed=5)
     hr, wr = _leaf(h.double(), "cpu"), _leaf(w.double(), "cpu")
     ref = _reference(hr, wr, y, softcap=2.0, label_smoothing=0.05)
