@@ -60,6 +60,7 @@ _TRL_MODULE = "trl.trainer.sft_trainer"
 # in a useful way and must not be kept alive by the plugin.
 _PATCHES: dict[int, _Patch] = {}
 _TRL_ORIGINAL: Callable[..., None] | None = None  # TRL's add_fused_lm_head while we intercept it
+_LAST_PATCH: weakref.ref[_Patch] | None = None  # the patch of the prepare() in progress (for its callback)
 
 
 def _options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -97,6 +98,7 @@ class _Patch:
         self.delegate: Callable[..., Any] = model.forward  # baseline forward for everything not taken over
         self.trl_forward: Callable[..., Any] | None = None  # TRL's head, once TRL installed one
         self.calls: Counter[str] = Counter()  # which paths ran through the kernel (tests, debugging)
+        self.active = True  # False once undone: the guard callback then stays silent
         self.installed = types.MethodType(_make_forward(self, type(model).forward), model)
 
     # forward attribute bookkeeping
@@ -133,6 +135,7 @@ class _Patch:
         self.install()
 
     def undo(self) -> None:
+        self.active = False
         model = self.model_ref()
         if model is None:
             return
@@ -290,33 +293,40 @@ def _remove_trl_interceptor() -> None:
     _TRL_ORIGINAL = None
 
 
-def _ensure_taken_over(model: Any) -> _Patch:
+def _ensure_taken_over(patch: _Patch, model: Any) -> None:
     """Called when training begins: our forward must be the one the trainer will call."""
+    if not patch.active:
+        return  # the stack was undone: the trainer now trains as the baseline would
     base = _lm_head.base_of(model)
-    patch = _PATCHES.get(id(base))
-    if patch is None or patch.model_ref() is not base:
+    if patch.model_ref() is not base:
         raise PluginError("fused_ce: the trainer trains a model that fused_ce did not patch; pass the same "
                           "model instance to stack.prepare() and to the trainer")
     if patch.is_installed():
-        return patch
+        return
     current = vars(base).get("forward")
-    qualname = getattr(current, "__qualname__", "")
-    if qualname.startswith("add_fused_lm_head"):
+    if is_trl_head(current):
         # TRL's head was installed without going through the interceptor (trl imported after
         # prepare()): it wraps our forward, so rebuild it on the bare model, then take over
         from trl.trainer.utils import add_fused_lm_head
 
         patch.adopt_trl_head(add_fused_lm_head, (), {"outputs": _SFT_OUTPUTS})
-        return patch
+        return
     raise PluginError(f"fused_ce: the model's forward was replaced after fused_ce patched it (now {current!r}); "
                       "the loss would not go through the kernel. Compose the other patch before fused_ce "
                       "or drop one of them")
 
 
+def is_trl_head(fn: Any) -> bool:
+    """Whether ``fn`` is the forward TRL's ``add_fused_lm_head`` installs. It copies the class
+    forward's name with functools.wraps, so look at the code object instead."""
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    return code is not None and code.co_name == "_fused_forward" and "trl" in code.co_filename
+
+
 _GUARD_CLASS: type | None = None
 
 
-def _guard_callback() -> Any:
+def _guard_callback(patch: _Patch) -> Any:
     global _GUARD_CLASS
     if _GUARD_CLASS is None:
         from transformers import TrainerCallback
@@ -324,12 +334,15 @@ def _guard_callback() -> Any:
         class FusedCEGuard(TrainerCallback):
             """Checks at train begin that the loss path is ours (reinstalling over TRL's head if needed)."""
 
+            def __init__(self, patch: _Patch) -> None:
+                self.patch = patch
+
             def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
                 if model is not None:
-                    _ensure_taken_over(model)
+                    _ensure_taken_over(self.patch, model)
 
         _GUARD_CLASS = FusedCEGuard
-    return _GUARD_CLASS()
+    return _GUARD_CLASS(patch)
 
 
 def patch_of(model: Any) -> _Patch | None:
@@ -384,8 +397,10 @@ def sft_patch_model(model: Any, args: Any, options: dict[str, Any]) -> Callable[
     base = _lm_head.base_of(model)
     if args is not None and type(args).__module__.startswith("trl."):
         import trl.trainer.sft_trainer  # noqa: F401  (SFTConfig given: SFTTrainer will follow)
+    global _LAST_PATCH
     patch = _Patch(base, opts)
     _PATCHES[id(base)] = patch
+    _LAST_PATCH = weakref.ref(patch)
     _install_trl_interceptor()
     patch.install()
 
@@ -402,4 +417,6 @@ def sft_patch_model(model: Any, args: Any, options: dict[str, Any]) -> Callable[
 
 @hookimpl
 def sft_callbacks(args: Any, options: dict[str, Any]) -> list[Any]:
-    return [_guard_callback()]
+    # prepare() calls this right after sft_patch_model, so the last patch made is this stack's
+    patch = _LAST_PATCH() if _LAST_PATCH is not None else None
+    return [_guard_callback(patch)] if patch is not None and patch.active else []
