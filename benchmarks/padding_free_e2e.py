@@ -92,7 +92,7 @@ def _settings(smoke: bool) -> dict[str, Any]:
 
 
 # -- child: one training arm ------------------------------------------------------------------------
-def child_train(name: str, smoke: bool, steps: int, warmup: int) -> dict[str, Any]:
+def child_train(name: str, smoke: bool, steps: int, warmup: int, attention: str) -> dict[str, Any]:
     import torch
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -128,7 +128,9 @@ def child_train(name: str, smoke: bool, steps: int, warmup: int) -> dict[str, An
                      **{"max_length": s["maxlen"], **cfg["trl"]})
     peft_config = LoraConfig(r=16, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     # local plugins: the GPU machine runs from a checkout (PYTHONPATH), without our entry points
-    stack = sft_plugins.compose(cfg["ours"], plugins={"padding_free": padding_free, "packing": packing})
+    options = {"padding_free": {"attention": attention}} if "padding_free" in cfg["ours"] else None
+    stack = sft_plugins.compose(cfg["ours"], options=options,
+                                plugins={"padding_free": padding_free, "packing": packing})
     kw = stack.prepare(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_config,
                        callbacks=[timer])
     attention = model.config._attn_implementation
@@ -202,6 +204,12 @@ def child_check(smoke: bool) -> dict[str, Any]:
             parity[backend] = {"max_abs_loss_diff_vs_alone": max(diffs)}
         except Exception as exc:  # report, keep going: the table says which backend failed and why
             parity[backend] = {"error": f"{type(exc).__name__}: {exc}"[:400]}
+    # scale for the figures above: the contaminated row (all-ones mask next to packed position_ids)
+    with torch.no_grad():
+        logits = model(**batch, attention_mask=torch.ones_like(batch["input_ids"]), use_cache=False).logits[0]
+    parity["contaminated_all_ones_mask_for_scale"] = {"max_abs_loss_diff_vs_alone": max(
+        float((F.cross_entropy(logits[a:b - 1].float(), batch["input_ids"][0, a + 1:b], reduction="none") - ref)
+              .abs().max()) for (a, b), ref in zip(zip(cu[:-1], cu[1:]), alone))}
     out["parity_vs_alone"] = parity
     out["attention_layer_ms"] = _time_attention(cuda)
     return out
@@ -295,21 +303,27 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     ap.add_argument("--no-check", action="store_true", help="skip the backend parity / attention timing child")
+    ap.add_argument("--attention", default=None,
+                    help="padding_free attention option for our arms (default: auto; loop with --smoke, so the "
+                         "CPU check runs our AttentionInterface path through SFTTrainer + LoRA)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     steps = a.steps or (4 if a.smoke else 16)
     warmup = a.warmup or (1 if a.smoke else 4)
+    attention = a.attention or ("loop" if a.smoke else "auto")
 
     if a.child:
-        res = child_check(a.smoke) if a.child == "check" else child_train(a.child, a.smoke, steps, warmup)
+        res = child_check(a.smoke) if a.child == "check" else child_train(a.child, a.smoke, steps, warmup, attention)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
     t0 = time.time()
-    common = (["--smoke"] if a.smoke else []) + ["--steps", str(steps), "--warmup", str(warmup)]
+    common = (["--smoke"] if a.smoke else []) + ["--steps", str(steps), "--warmup", str(warmup),
+                                                 "--attention", attention]
     out: dict[str, Any] = {"command": "python " + " ".join(shlex.quote(x) for x in sys.argv), "versions": versions(),
                            "smoke": a.smoke, "workload": {"steps": steps, "timed_from_step": warmup, **_settings(a.smoke),
-                                                          "lora": "r16 all-linear", "attn": "sdpa"}}
+                                                          "lora": "r16 all-linear", "attn": "sdpa",
+                                                          "ours_attention_option": attention}}
     try:
         import torch
 
