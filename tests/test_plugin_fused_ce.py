@@ -291,9 +291,20 @@ def test_peft_config_given_to_sft_trainer(tmp_path, tok, sft_ds):
     from peft import LoraConfig
 
     cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    base = train_sft([], tmp_path, tok, sft_ds, peft_config=cfg, steps=6)[0]
-    fused, calls, _, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, peft_config=cfg, options=TORCH, steps=6)
+    # with TRL's default gradient checkpointing (on), which recomputes the backbone under PEFT
+    base = train_sft([], tmp_path, tok, sft_ds, peft_config=cfg, steps=6, gradient_checkpointing=True)[0]
+    fused, calls, _, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, peft_config=cfg, options=TORCH, steps=6,
+                                   gradient_checkpointing=True)
     assert calls == {"fused_lm_head": 6}
+    assert_losses_close(base, fused)
+
+
+def test_trl_packing_padding_free_parity(tmp_path, tok, sft_ds):
+    # TRL's BFD packing: one row per batch, restarting position_ids, no attention_mask
+    base = train_sft([], tmp_path, tok, sft_ds, steps=4, packing=True, max_length=64)[0]
+    fused, calls, _, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, options=TORCH, steps=4, packing=True,
+                                   max_length=64)
+    assert calls == {"fused_lm_head": 4}
     assert_losses_close(base, fused)
 
 

@@ -163,7 +163,11 @@ def _make_forward(patch: _Patch, cls_forward: Callable[..., Any]) -> Callable[..
     def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
                 num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         has_labels = labels is not None or shift_labels is not None
-        plain = len(args) <= 1 and not kwargs.get("logits_to_keep") and kwargs.get("return_dict", True) is not False
+        keep = kwargs.get("logits_to_keep", 0)
+        # Only the plain loss call is taken over: positional args beyond input_ids would not line up
+        # with the backbone's signature, and logits_to_keep / return_dict=False ask for logits
+        plain = (len(args) <= 1 and isinstance(keep, int) and keep == 0
+                 and kwargs.get("return_dict", True) is not False)
         if fused_lm_head and (self.training or patch.trl_forward is None):
             # TRL's compute_loss (train mode); in eval mode TRL's own head keeps serving, as in the baseline
             if not has_labels:
@@ -208,6 +212,9 @@ def _kernel_inputs(model: Any, patch: _Patch, hidden: Any) -> tuple[Any, Any, An
     except _lm_head.UnsupportedHead as exc:
         raise PluginError(f"fused_ce: {exc}") from None
     h, w, b = project(hidden)
+    if type(w).__name__ == "DTensor":  # FSDP2 shards the head: gather it once, as TRL's head does
+        w = w.full_tensor()
+        b = b.full_tensor() if b is not None else None
     return h.to(w.device), w, b  # device_map: the backbone may end on another device than the head
 
 
@@ -352,6 +359,16 @@ def patch_of(model: Any) -> _Patch | None:
     return patch if patch is not None and patch.model_ref() is base else None
 
 
+def _zero3_enabled() -> bool:
+    if "deepspeed" not in sys.modules:
+        return False
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:
+        return False
+    return bool(is_deepspeed_zero3_enabled())
+
+
 # -- hooks ----------------------------------------------------------------------------------------
 @hookimpl
 def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
@@ -383,6 +400,9 @@ def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) 
         if getattr(args, "label_smoothing_factor", 0.0):
             errors.append("label_smoothing_factor > 0 makes the trainer compute the loss from the full logits "
                           "(its label smoother), bypassing fused_ce: set label_smoothing_factor=0 or drop fused_ce")
+        if _zero3_enabled():
+            errors.append("DeepSpeed ZeRO-3 partitions lm_head.weight, which the kernel reads directly (and "
+                          "re-reads in backward): use ZeRO-2 or FSDP, or drop fused_ce")
         is_trl = type(args).__module__.startswith("trl.")
         liger_flce = (getattr(args, "liger_kernel_config", None) or {}).get("fused_linear_cross_entropy", True)
         if getattr(args, "use_liger_kernel", False) and not is_trl and liger_flce:
