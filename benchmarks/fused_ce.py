@@ -96,8 +96,8 @@ def ours_dw_fp32(h, w, y, cap):
     return fused_linear_cross_entropy(h, w, y, softcap=cap, _dw_accum="fp32")
 
 
-def ours_nosplit(h, w, y, cap):
-    os.environ["SFT_PLUGINS_CE_DH_SPLIT"] = "1"
+def ours_split(h, w, y, cap):
+    os.environ["SFT_PLUGINS_CE_DH_SPLIT"] = "auto"
     try:
         return fused_linear_cross_entropy(h, w, y, softcap=cap)
     finally:
@@ -227,43 +227,53 @@ def run_case(method, hs, w, y, cap, frozen, ref, iters):
 
 
 def tune_row_kernel(out_rows):
-    """Time the row kernel alone on a [1024, 128256] bf16 chunk for a few (BLOCK_V, warps)."""
+    """Time the row kernel alone for a few (BLOCK_V, warps, programs/SM) on two chunk shapes:
+    [1024, 128256] plain and [512, 256000] with softcap 30 (fwd stats + in-place d(logits))."""
+    import triton.testing as tt
+
     from sft_plugins.kernels._triton_ce import ce_rows_triton
 
-    C, V = 1024, 128256
-    buf0 = torch.randn(C, V, device=DEV, dtype=DT)
-    labels = torch.randint(0, V, (C,), device=DEV)
-    rows = torch.arange(C, device=DEV)
-    loss = torch.zeros(C, device=DEV)
-    ent = torch.zeros(C, device=DEV)
-    top1 = torch.zeros(C, device=DEV, dtype=torch.uint8)
+    cases = []
+    for C, V, cap in ((1024, 128256, None), (512, 256000, 30.0)):
+        buf0 = torch.randn(C, V, device=DEV, dtype=DT)
+        cases.append((C, V, cap, buf0, buf0.clone(), torch.randint(0, V, (C,), device=DEV)))
     best = None
-    for blk, nw in [(2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 16)]:
+    configs = [(4096, 8, 0), (8192, 8, 0), (8192, 8, 1), (8192, 8, 2), (8192, 16, 1), (16384, 16, 1)]
+    for blk, nw, per_sm in configs:
         os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(blk)
         os.environ["SFT_PLUGINS_CE_NUM_WARPS"] = str(nw)
-        buf = buf0.clone()
+        os.environ["SFT_PLUGINS_CE_PROGRAMS_PER_SM"] = str(per_sm)
+        r = {"block_v": blk, "num_warps": nw, "programs_per_sm": per_sm}
+        total = 0.0
+        for C, V, cap, buf0, buf, labels in cases:
+            rows = torch.arange(C, device=DEV)
+            loss = torch.zeros(C, device=DEV)
+            ent = torch.zeros(C, device=DEV)
+            top1 = torch.zeros(C, device=DEV, dtype=torch.uint8)
 
-        def fn():
-            buf.copy_(buf0)
-            ce_rows_triton(buf, rows, labels, None, None, loss, ent, top1, logit_scale=1.0,
-                           softcap=None, smoothing=0.0, write_grad=True)
+            def fn():
+                buf.copy_(buf0)
+                ce_rows_triton(buf, rows, labels, None, None, loss, ent, top1, grad_scale=1.0,
+                               scale_t=None, logit_scale=1.0, softcap=cap, smoothing=0.0,
+                               write_grad=True)
 
-        def cp():
-            buf.copy_(buf0)
+            def cp():
+                buf.copy_(buf0)
 
-        fn()
-        torch.cuda.synchronize()
-        import triton.testing as tt
-
-        ms = tt.do_bench(fn, warmup=50, rep=200, return_mode="median") - tt.do_bench(
-            cp, warmup=50, rep=200, return_mode="median")
-        gbs = 3 * C * V * 2 / (ms * 1e-3) / 1e9  # read, read, write
-        r = {"block_v": blk, "num_warps": nw, "ms": round(ms, 4), "GB_per_s": round(gbs)}
+            fn()
+            torch.cuda.synchronize()
+            ms = tt.do_bench(fn, warmup=25, rep=100, return_mode="median") - tt.do_bench(
+                cp, warmup=25, rep=100, return_mode="median")
+            tag = "softcap" if cap else "plain"
+            r[f"ms_{tag}"] = round(ms, 4)
+            r[f"GB_per_s_{tag}"] = round(3 * C * V * 2 / (ms * 1e-3) / 1e9)  # read, read, write
+            total += ms
         out_rows.append(r)
         print(json.dumps(r), flush=True)
-        if best is None or ms < best[0]:
-            best = (ms, blk, nw)
-    del os.environ["SFT_PLUGINS_CE_BLOCK_V"], os.environ["SFT_PLUGINS_CE_NUM_WARPS"]
+        if best is None or total < best[0]:
+            best = (total, blk, nw, per_sm)
+    for k in ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_PROGRAMS_PER_SM"):
+        del os.environ[k]
     return best
 
 
@@ -303,12 +313,14 @@ def main():
         best = tune_row_kernel(result["tune"])
         os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(best[1])
         os.environ["SFT_PLUGINS_CE_NUM_WARPS"] = str(best[2])
-        result["row_kernel_config"] = {"block_v": best[1], "num_warps": best[2]}
+        os.environ["SFT_PLUGINS_CE_PROGRAMS_PER_SM"] = str(best[3])
+        result["row_kernel_config"] = {"block_v": best[1], "num_warps": best[2],
+                                       "programs_per_sm": best[3]}
 
-    all_methods = [gemm_floor, gemm_floor_valid, ours, ours_stats, ours_nosplit, ours_ws1g,
+    all_methods = [gemm_floor, gemm_floor_valid, ours, ours_stats, ours_split, ours_ws1g,
                    ours_dw_fp32, eager, trl_head, trl_head_metrics, liger, cce]
     keep = set(args.methods.split(",")) if args.methods else (
-        {m.__name__ for m in all_methods} - {"ours_dw_fp32"})
+        {m.__name__ for m in all_methods} - {"ours_dw_fp32", "ours_split"})
     methods = [m for m in all_methods if m.__name__ in keep]
     # frozen first: the LoRA case matters most
     frozen_modes = {"both": (True, False), "trainable": (False,), "frozen": (True,)}[args.frozen]
@@ -409,11 +421,11 @@ def table(result) -> str:
             f" {o.get('peak_extra_MiB') if o else '-'} | {o.get('loss_rel_err', float('nan')) if o else float('nan'):.1e} | {marks} |"
         )
     lines += ["", "targets: ours ≤ 1.10× floor · ≤ 0.90× best peer · ≤ 256 MiB extra · loss err ≤ 1e-4", ""]
-    extra = [r for r in rows if r["method"] in ("ours_dw_fp32", "ours_ws1g", "ours_nosplit")]
+    extra = [r for r in rows if r["method"] in ("ours_dw_fp32", "ours_ws1g", "ours_split")]
     if extra:
         lines += ["| shape | W | variant | ms | MiB | grad_w err | grad_h err |", "|---|---|---|---|---|---|---|"]
         for r in rows:
-            if r["method"] in ("ours", "ours_nosplit", "ours_dw_fp32", "ours_ws1g", "liger", "cce", "trl_head", "eager") and "error" not in r:
+            if r["method"] in ("ours", "ours_split", "ours_dw_fp32", "ours_ws1g", "liger", "cce", "trl_head", "eager") and "error" not in r:
                 gw = r.get("grad_w_rel_err")
                 lines.append(
                     f"| {r['shape']} | {'frozen' if r['frozen_w'] else 'trainable'} | {r['method']} | {r['ms_median']:.1f}"

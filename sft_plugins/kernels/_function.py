@@ -339,6 +339,13 @@ class _FusedLinearCE(torch.autograd.Function):
                 if dw is not None:
                     dw = dw.to(w_dtype)
             else:
+                if getattr(ctx, "consumed", False):
+                    raise RuntimeError(
+                        "fused_linear_cross_entropy: its gradients are computed in the forward and "
+                        "handed over once; a second backward through the same graph "
+                        "(retain_graph=True) is not supported"
+                    )
+                ctx.consumed = True
                 dh, dw, db = ctx.dh, ctx.dw, ctx.db
                 ctx.dh = ctx.dw = ctx.db = None  # let autograd take the buffers over
                 if opts.reduction == "none":  # only hidden needs a grad here: per-row scale

@@ -247,6 +247,15 @@ def test_leading_dims_no_grad_and_autocast(backend):
     assert _rel(wo.grad.cpu(), wr.grad) < 2e-2
 
 
+def test_second_backward_raises_instead_of_silent_zero():
+    h, w, _, y = _inputs(torch.float32)
+    ho = _leaf(h)
+    out = fused_linear_cross_entropy(ho, w.to(DEV), y.to(DEV), _backend="torch")
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        out.backward()
+
+
 def test_bad_arguments():
     h, w, _, y = _inputs(torch.float32)
     with pytest.raises(ValueError):
