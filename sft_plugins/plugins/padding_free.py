@@ -12,7 +12,8 @@ Options:
         when torch lacks it); on CPU keep sdpa/eager (transformers builds the block-diagonal mask
         from ``position_ids``; exact, and dense only on CPU). ``dense`` keeps sdpa/eager on GPU too
         (with a warning: it costs O(T^2)); ``loop`` runs one sdpa per sequence on any device.
-    pad_to_multiple_of: int | None (default None) - pad the row with one masked dummy sequence.
+    pad_to_multiple_of: int | None (default ``args.pad_to_multiple_of``) - pad the row with one masked
+        dummy sequence (own positions and boundary), never attended to by a real one.
     completion_only_loss: bool | None (default None = as TRL: use ``completion_mask`` when present).
 
 Torch and transformers are imported inside the hooks only, so listing plugins stays cheap.
@@ -190,7 +191,7 @@ def make_collator(processing_class: Any, args: Any, options: dict[str, Any]) -> 
         pad = getattr(tok, "eos_token_id", None) or 0
     completion_only = options.get("completion_only_loss", getattr(args, "completion_only_loss", None))
     return PackedCollator(pad_token_id=int(pad), completion_only_loss=completion_only,
-                          pad_to_multiple_of=options.get("pad_to_multiple_of"))
+                          pad_to_multiple_of=options.get("pad_to_multiple_of", getattr(args, "pad_to_multiple_of", None)))
 
 
 @hookimpl
