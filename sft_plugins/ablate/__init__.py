@@ -33,10 +33,11 @@ def _preflight(config: AblationConfig, arms: list[Any], out_dir: pathlib.Path, v
     todo = [a for a in arms if a.plugins and not a.skipped]
     if not todo:
         return
-    view.note(f"checking that {len(todo)} arm(s) compose ...")
     spec = {**base_spec(config), "mode": "check", "arm": "preflight",
             "check_arms": [{"name": a.name, "plugins": a.plugins, "options": a.options} for a in todo]}
-    result = run_child(spec, out_dir / "arms" / "_preflight", config.timeout)
+    # a transient status line: on a terminal it disappears, so a bad arm still costs the user one line
+    with view.console.status(f"checking that {len(todo)} arm(s) compose ..."):
+        result = run_child(spec, out_dir / "arms" / "_preflight", config.timeout)
     if result.get("status") != "ok":
         raise ConfigError(f"preflight failed: {' '.join((result.get('error') or 'no result').split())}")
     problems = result.get("problems") or {}
@@ -120,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sft-plugins ablate: interrupted", file=sys.stderr)
         return 130
-    Console().print(terminal_table(results))
+    out_console = Console()
+    if not out_console.is_terminal:  # logs and pipes: rich's 80 columns would wrap every cell
+        out_console = Console(width=160)
+    out_console.print(terminal_table(results))
     out = pathlib.Path(results["output_dir"])
     print(f"report: {out / 'report.md'}  results: {out / 'results.json'}  plots: "
           + ", ".join(pathlib.Path(p).name for p in results["plots"].values()))

@@ -13,7 +13,8 @@ from typing import Any
 from ._config import BASELINE
 
 BASE_COLOR = "#7f7f7f"
-FASTER, SLOWER = "#2ca02c", "#d62728"
+FASTER, SLOWER, SAME = "#2ca02c", "#d62728", "#9ecae1"
+SAME_BAND = 0.03  # within ±3% of the baseline is run-to-run noise on a shared machine: not coloured as a win/loss
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
@@ -87,8 +88,10 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
     for arm, r in zip(arms, ratios):
         if arm["name"] == BASELINE or r is None:
             colors.append(BASE_COLOR)
+        elif abs(r - 1.0) <= SAME_BAND:
+            colors.append(SAME)
         else:
-            better = r >= 1.0 if higher_is_better else r <= 1.0
+            better = r > 1.0 if higher_is_better else r < 1.0
             colors.append(FASTER if better else SLOWER)
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(arms) + 1.6))
     ys = list(range(len(arms)))[::-1]  # first arm (baseline) on top
@@ -108,6 +111,8 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
     ax.set_xlim(0, vmax * 1.45)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
+    ax.text(1.0, -0.1 if len(arms) > 4 else -0.18, f"green: better, red: worse, light blue: within ±{SAME_BAND:.0%} "
+            "of the baseline (dashed)", transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#555555")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -14,19 +14,19 @@ class ProgressView:
     def __init__(self, arm_names: list[str], steps: int, skip_steps: int, *, console: Any = None,
                  enabled: bool = True) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self.skip = skip_steps
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description:<28}"), BarColumn(bar_width=24),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+        self.progress = Progress(TextColumn("{task.fields[mark]}"), TextColumn("{task.description:<28}"),
+                                 BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
                                  console=self.console, disable=not enabled, transient=False)
         self.tasks = {}
         for i, name in enumerate(arm_names, 1):
             label = f"[{i}/{len(arm_names)}] {name}"
-            self.tasks[name] = self.progress.add_task(label[:28], total=steps, info="[dim]waiting[/]", start=False)
+            self.tasks[name] = self.progress.add_task(label[:28], total=steps, info="[dim]waiting[/]", mark=" ",
+                                                    start=False)
         self._tok: dict[str, list[float]] = {}
 
     def __enter__(self) -> ProgressView:
@@ -42,7 +42,7 @@ class ProgressView:
 
     def started(self, name: str) -> None:
         self.progress.start_task(self.tasks[name])
-        self.progress.update(self.tasks[name], info="starting process")
+        self.progress.update(self.tasks[name], info="starting process", mark="…")
 
     def event(self, name: str, event: dict[str, Any]) -> None:
         task = self.tasks[name]
@@ -61,12 +61,12 @@ class ProgressView:
         task = self.tasks[name]
         status = arm.get("status")
         if status == "ok":
-            info = "[green]done[/]"
+            info, mark = "[green]done[/]", "[green]✓[/]"
         elif status == "skipped":
-            info = "[dim]skipped[/]"
+            info, mark = "[dim]skipped[/]", "[dim]-[/]"
         else:
-            info = f"[red]{status}[/]"
-        self.progress.update(task, info=info)
+            info, mark = f"[red]{status}[/]", "[red]✗[/]"
+        self.progress.update(task, info=info, mark=mark)
         self.progress.stop_task(task)
         steps = [s for s in arm.get("steps", []) if s.get("loss") is not None]
         if status == "ok" and steps:

@@ -130,15 +130,16 @@ def fmt_num(x: float | None, spec: str = ",.0f") -> str:
 
 
 def fmt_parity(p: Mapping[str, Any]) -> str:
+    """Short: "✓ 3.1e-06 ≤ 1e-05", "✗ 4.2e-02 > 1e-03", "— Δ 6.8e-04" (no promise), "ref"."""
     diff = p.get("max_rel_diff")
     d = "-" if diff is None else f"{diff:.1e}"
     if p.get("verdict") == "pass":
-        return f"pass {d} ≤ {p['tolerance']:.0e}"
+        return f"✓ {d} ≤ {p['tolerance']:.0e}"
     if p.get("verdict") == "fail":
-        return f"FAIL {d} > {p['tolerance']:.0e}"
-    if p.get("promised") is None and p.get("note") not in ("reference", None):
-        return f"no promise (Δ {d})" if diff is not None else "no promise"
-    return "reference" if p.get("note") == "reference" else "-"
+        return f"✗ {d} > {p['tolerance']:.0e}"
+    if p.get("note") == "reference":
+        return "ref"
+    return f"— Δ {d}" if diff is not None else "—"
 
 
 def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -153,11 +154,11 @@ def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
             "steps": f"{s.get('steps_done', 0)}",
             "final loss": fmt_num(s.get("final_loss"), ".4f"),
             "loss parity": fmt_parity(p) if status == "ok" else "-",
-            "tokens/s": fmt_num(s.get("tokens_per_s")),
-            "vs base": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×",
+            "tok/s": fmt_num(s.get("tokens_per_s")),
+            "speed": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×",
             "ms/step": "-" if s.get("step_s") is None else f"{s['step_s'] * 1000:,.0f}",
             "peak mem": fmt_bytes(s.get("peak_memory_bytes")),
-            "mem vs base": "-" if s.get("memory_ratio") is None else f"{s['memory_ratio']:.2f}×",
+            "mem": "-" if s.get("memory_ratio") is None else f"{s['memory_ratio']:.2f}×",
         })
     return out
 
@@ -173,11 +174,13 @@ def terminal_table(results: Mapping[str, Any]) -> Any:
     env = results["environment"]
     title = (f"sft-plugins ablate: {results['config']['model']} on {env.get('device_name') or env.get('device')} "
              f"({env.get('dtype')}), {results['config']['steps']} steps")
-    table = Table(title=title, caption=f"tokens/s over steps {results['skip_steps'] + 1}+; peak mem = "
-                                       f"{env.get('memory_kind') or '-'}; results in {results['output_dir']}")
+    table = Table(title=title, caption=f"tok/s: loss-target tokens/s over steps {results['skip_steps'] + 1}+; "
+                                       f"speed, mem: ratio to baseline; peak mem: {env.get('memory_kind') or '-'}; "
+                                       f"loss parity: max relative loss diff vs the plugin's tolerance")
     data = rows(results)
     for col in (data[0].keys() if data else ["arm"]):
-        table.add_column(col, justify="left" if col in ("arm", "status", "loss parity") else "right")
+        table.add_column(col, justify="left" if col in ("arm", "status", "loss parity") else "right",
+                         no_wrap=col != "arm")
     for arm, row in zip(results["arms"], data):
         style = {"ok": None, "skipped": "dim"}.get(arm["status"], "red")
         parity_style = {"pass": "green", "fail": "bold red"}.get(arm.get("parity", {}).get("verdict") or "", "")
@@ -210,11 +213,11 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         f"- **tokens/s**: loss-target tokens (labels ≠ -100 after the causal shift; pad and packing filler never "
         f"count) per second of wall time, over steps {results['skip_steps'] + 1}–{cfg['steps']} (the first "
-        f"{results['skip_steps']} are warm-up). **vs base**: ratio to the baseline arm.",
+        f"{results['skip_steps']} are warm-up). **speed**, **mem**: ratio to the baseline arm.",
         f"- **peak mem**: {env.get('memory_kind') or '-'} (on CPU this is the whole process, imports included).",
-        "- **loss parity**: max over steps of |loss − baseline loss| / baseline loss, against the tolerance the "
+        "- **loss parity**: ✓/✗ max over steps of |loss − baseline loss| / baseline loss, against the tolerance the "
         "plugin promises (a combination: the loosest member's; none if any member makes no promise; "
-        f"bf16 runs: at least {BF16_PARITY_FLOOR:g}).",
+        f"bf16 runs: at least {BF16_PARITY_FLOOR:g}); — Δ: the plugin makes no promise, the difference is shown.",
         "",
     ]
     for kind, path in plots.items():
