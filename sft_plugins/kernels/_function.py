@@ -6,16 +6,17 @@ its torch twin) computes LSE / loss / entropy / top-1 and overwrites the buffer 
 cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @ h_chunk.
 
 * Eager gradients: for reduction mean/sum (and for "none" when only hidden needs a gradient) every
-  gradient is produced in the forward, unscaled; backward only multiplies by grad_output (and by
-  1/denominator for mean), so a step costs 2 GEMMs with a frozen W (LoRA) and 3 with a trainable W,
-  each over the valid rows only.
+  gradient is produced in the forward, with 1/denominator already folded into d(logits); backward
+  only multiplies by grad_output, through a kernel that exits on the device when it is 1 (no sync,
+  no bytes for a plain loss.backward()). A step costs 2 GEMMs with a frozen W (LoRA) and 3 with a
+  trainable W, each over the valid rows only.
 * Deferred gradients: reduction "none" with a trainable W or bias needs a per-token upstream grad
   inside the dW sum, so the forward computes losses only and the backward recomputes the logits.
 * Memory: the workspace is one [C, V] logits buffer plus two [C, H] row buffers; C is planned from
   the shape, the dtype and the free device memory (``_workspace_budget``), never the N x V logits.
 * dW accumulation: inside each chunk cuBLAS accumulates over the chunk's C rows in fp32. Across
   chunks, an fp32 [V, H] accumulator is used when W is fp32, when asked for (``dw_accum="fp32"``),
-  or ("auto") when it fits the workspace budget; otherwise partial sums are added in W's dtype
+  or ("auto") when it fits half the workspace budget; otherwise partial sums are added in W's dtype
   (one rounding per chunk, ~N/C of them) - an fp32 accumulator for a 128k x 4k head is 2 GB,
   eight times the memory budget. See benchmarks/notes_fused_ce.md for the measured error.
 * Host syncs: one, ``torch.nonzero`` on the label mask (the number of valid rows sizes the loop).

@@ -278,3 +278,29 @@ def test_dh_split_k(backend, split, monkeypatch):
                                _chunk_rows=16).backward()
     assert _rel(ho.grad.cpu(), hr.grad) < 1e-2
     assert _rel(wo.grad.cpu(), wr.grad) < 1e-2
+
+
+def test_workspace_is_bounded_and_ignored_rows_skip_the_gemms(monkeypatch):
+    from sft_plugins.kernels._function import _plan_chunk_rows
+
+    # real shapes: the [C, V] logits buffer stays inside the budget and the chunks are balanced
+    budget = 240 << 20
+    for n, h_, v in ((7373, 4096, 128256), (14745, 2048, 128256), (7373, 2304, 256000)):
+        rows = _plan_chunk_rows(n, v, h_, 2, "triton", budget)
+        assert rows * (v * 2 + 2 * h_ * 2) <= budget
+        chunks = -(-n // rows)
+        assert n - (chunks - 1) * rows > rows // 2  # no tiny last chunk
+
+    # only valid rows reach the logits GEMM ([C, H] x [H, V]), in chunks of at most _chunk_rows
+    seen = []
+    real_mm = torch.mm
+
+    def spy(a, b, **kw):
+        if b.shape[-1] == V:  # the logits GEMM: h_c @ W^T
+            seen.append(a.shape[0])
+        return real_mm(a, b, **kw)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    h, w, _, y = _inputs(torch.float32, n_ignored=15)
+    fused_linear_cross_entropy(_leaf(h), _leaf(w), y.to(DEV), _backend="torch", _chunk_rows=8)
+    assert sum(seen) == int((y != -100).sum()) and max(seen) <= 8
