@@ -120,6 +120,9 @@ def test_packed_equals_alone_loop_backend(tok):
         theirs = model(input_ids=padded, attention_mask=mask, use_cache=False).logits
     torch.testing.assert_close(ours[mask.bool()], theirs[mask.bool()], atol=1e-5, rtol=1e-5)
     assert model.config._attn_implementation == "sdpa" and model.config.use_cache is True
+    from transformers import AttentionInterface
+
+    assert "sft_packed" not in AttentionInterface._global_mapping  # the registration is undone too
 
 
 def test_flex_block_mask_logic_cpu(tok):

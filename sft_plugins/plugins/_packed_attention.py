@@ -259,6 +259,16 @@ def register() -> None:
     AttentionMaskInterface.register(IMPL_NAME, packed_mask)
 
 
+def unregister() -> None:
+    """Remove :data:`IMPL_NAME` from the registries (only our own entries)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for registry, fn in ((AttentionInterface, packed_attention_forward), (AttentionMaskInterface, packed_mask)):
+        if registry._global_mapping.get(IMPL_NAME) is fn:
+            del registry._global_mapping[IMPL_NAME]
+
+
 def current_impl(model: Any) -> str | None:
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
@@ -269,15 +279,23 @@ def install(model: Any, backend: str) -> Callable[[], None]:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     register()
+    _state["registered"] += 1
     previous, previous_backend = current_impl(model), _state["backend"]
     _state["backend"] = backend
-    model.set_attn_implementation(IMPL_NAME)
-    if current_impl(model) != IMPL_NAME:
-        _state["backend"] = previous_backend
-        raise RuntimeError(f"{type(model).__name__} did not accept attn_implementation={IMPL_NAME!r}")
 
     def undo() -> None:
-        model.set_attn_implementation(previous)
+        if current_impl(model) != previous:
+            model.set_attn_implementation(previous)
         _state["backend"] = previous_backend
+        _state["registered"] -= 1
+        if _state["registered"] == 0:  # the last user gone: leave transformers' registries as they were
+            unregister()
 
+    try:
+        model.set_attn_implementation(IMPL_NAME)
+        if current_impl(model) != IMPL_NAME:
+            raise RuntimeError(f"{type(model).__name__} did not accept attn_implementation={IMPL_NAME!r}")
+    except Exception:
+        undo()
+        raise
     return undo

@@ -61,8 +61,9 @@ def check_model(model: Any, attention: str) -> list[str]:
         return []
     errors = []
     config = getattr(model, "config", None)
-    if getattr(config, "is_encoder_decoder", False):
-        errors.append("encoder-decoder models are not supported: use a decoder-only causal LM")
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "is_causal", True) is False:
+        errors.append("only decoder-only causal LMs are supported (packed rows rely on causal attention "
+                      "within each sequence): use padding without this plugin for this model")
     impl = getattr(config, "_attn_implementation", None)
     ok_impls = ("sdpa", "eager", "flex_attention", *_FLASH, "sft_packed")
     if impl not in ok_impls:
