@@ -161,9 +161,11 @@ def _flat_columns(dataset: Any, completion_only_loss: bool | None) -> tuple[Any,
         tokens = ids_col.flatten().to_numpy(zero_copy_only=False)
         if "labels" not in cols:
             return tokens, tokens, offsets  # labels are the input ids: the same array, no copy
-        labels = pa.concat_arrays(table.column("labels").chunks).flatten().to_numpy(zero_copy_only=False)
-        if labels.size != tokens.size:
-            raise ValueError("labels and input_ids differ in length")
+        lab_col = pa.concat_arrays(table.column("labels").chunks)
+        lab_off = np.asarray(lab_col.offsets, dtype=np.int64)
+        if not np.array_equal(lab_off - lab_off[0], offsets):
+            raise ValueError("an example's labels and input_ids differ in length")
+        labels = lab_col.flatten().to_numpy(zero_copy_only=False)
         return tokens, labels, offsets
     ids_parts, lab_parts, lens = [], [], []
     for ex in dataset:
