@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
 from typing import Any
 
 import pytest
@@ -138,9 +139,28 @@ def assert_losses_close(a, b, rel=1e-3, key="loss"):
 
 
 # -- training parity through the Triton kernel (interpreter on CPU) ---------------------------------
-def test_sft_trainer_parity_20_steps(tmp_path, tok, sft_ds):
+@pytest.fixture
+def backends_used(monkeypatch):
+    """The kernel backends (row functions) that ran: proves which path was exercised."""
+    from sft_plugins.kernels import _function
+
+    used: list[str] = []
+    original = _function._row_fn
+
+    def spy(backend: str):
+        used.append(backend)
+        return original(backend)
+
+    monkeypatch.setattr(_function, "_row_fn", spy)
+    return used
+
+
+def test_sft_trainer_parity_20_steps(tmp_path, tok, sft_ds, backends_used):
     base, none_calls, _, ev0 = train_sft([], tmp_path, tok, sft_ds, evaluate=True)
+    assert not backends_used
     fused, calls, _, ev1 = train_sft(["fused_ce"], tmp_path, tok, sft_ds, evaluate=True)
+    expected = "triton" if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" else "torch"
+    assert backends_used and set(backends_used) == {expected}
     assert none_calls is None and calls == {"fused_lm_head": 20}  # every step went through the kernel
     assert_losses_close(base, fused)
     assert_losses_close(base, fused, key="entropy")
@@ -152,9 +172,11 @@ def test_sft_trainer_parity_20_steps(tmp_path, tok, sft_ds):
     assert abs(ev0["eval_loss"] - ev1["eval_loss"]) <= 1e-3 * abs(ev0["eval_loss"])
 
 
-def test_trainer_parity_20_steps(tmp_path, tok, lm_ds):
+def test_trainer_parity_20_steps(tmp_path, tok, lm_ds, backends_used):
     base, _ = train_hf([], tmp_path, tok, lm_ds)
+    assert not backends_used
     fused, calls = train_hf(["fused_ce"], tmp_path, tok, lm_ds)
+    assert len(backends_used) == 20
     assert calls == {"labels": 20}
     assert_losses_close(base, fused)
 
@@ -477,3 +499,16 @@ def test_cuda_bf16_sft_parity(tmp_path, tok, sft_ds):
     fused, calls, _, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, model=make(), steps=10, **over)
     assert calls == {"fused_lm_head": 10}
     assert_losses_close(base, fused, rel=2e-2)  # bf16: the two heads round differently
+
+
+def test_mixed_precision_autocast_wrapper(tmp_path, tok, lm_ds, sft_ds):
+    # bf16=True with fp32 weights: accelerate wraps the model's forward in autocast at train start
+    # (on top of ours). The guard must see through it, the kernel must run under it, undo must not raise.
+    base, _ = train_hf([], tmp_path, tok, lm_ds, steps=4, bf16=True)
+    fused, calls = train_hf(["fused_ce"], tmp_path, tok, lm_ds, options=TORCH, steps=4, bf16=True)
+    assert calls == {"labels": 4}
+    assert_losses_close(base, fused, rel=2e-2)  # bf16 logits: the two heads round differently
+    base = train_sft([], tmp_path, tok, sft_ds, steps=4, bf16=True)[0]
+    fused, calls, trainer, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, options=TORCH, steps=4, bf16=True)
+    assert calls == {"fused_lm_head": 4}
+    assert_losses_close(base, fused, rel=2e-2)

@@ -108,8 +108,10 @@ class _Patch:
             model.forward = self.installed
 
     def is_installed(self) -> bool:
+        """Our forward is what the model calls: directly, or under wrappers that keep a
+        ``__wrapped__`` chain (accelerate's autocast / fp32-output wrappers under mixed precision)."""
         model = self.model_ref()
-        return model is not None and vars(model).get("forward") is self.installed
+        return model is not None and _wraps(vars(model).get("forward"), self.installed.__func__)
 
     def _restore_pre_patch(self, model: Any) -> None:
         if self.had_own_forward:
@@ -141,12 +143,28 @@ class _Patch:
             return
         current = vars(model).get("forward")
         if current is not self.installed:
+            if _wraps(current, self.installed.__func__):
+                # Wrapped by accelerate (mixed precision) after prepare(): removing our layer would drop
+                # theirs too. Now inactive, ours passes every call to the baseline forward unchanged.
+                return
             raise PluginError("fused_ce: the model's forward was replaced after fused_ce patched it "
                               f"(now {current!r}); undo cannot restore it safely")
         if self.trl_forward is not None:
             model.forward = self.trl_forward  # what SFTTrainer installed in the baseline
         else:
             self._restore_pre_patch(model)
+
+
+def _wraps(fn: Any, target: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is ``target``, or reaches it through bound methods and ``__wrapped__`` links."""
+    for _ in range(32):  # wrapper chains are short; bounded against cycles
+        if fn is None:
+            return False
+        fn = getattr(fn, "__func__", fn)
+        if fn is target:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 def _check_head(model: Any, lora_mode: str) -> None:
@@ -163,18 +181,19 @@ def _make_forward(patch: _Patch, cls_forward: Callable[..., Any]) -> Callable[..
     def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
                 num_items_in_batch: Any = None, **kwargs: Any) -> Any:
         has_labels = labels is not None or shift_labels is not None
+        active = patch.active
         keep = kwargs.get("logits_to_keep", 0)
         # Only the plain loss call is taken over: positional args beyond input_ids would not line up
         # with the backbone's signature, and logits_to_keep / return_dict=False ask for logits
         plain = (len(args) <= 1 and isinstance(keep, int) and keep == 0
                  and kwargs.get("return_dict", True) is not False)
-        if fused_lm_head and (self.training or patch.trl_forward is None):
+        if active and fused_lm_head and (self.training or patch.trl_forward is None):
             # TRL's compute_loss (train mode); in eval mode TRL's own head keeps serving, as in the baseline
             if not has_labels:
                 raise ValueError("fused_lm_head=True needs labels")
             patch.calls["fused_lm_head"] += 1
             return _trl_forward(self, patch, args, kwargs, labels, shift_labels, num_items_in_batch)
-        if not fused_lm_head and self.training and has_labels and plain:
+        if active and not fused_lm_head and self.training and has_labels and plain:
             patch.calls["labels"] += 1
             return _labels_forward(self, patch, args, kwargs, labels, shift_labels, num_items_in_batch)
         if fused_lm_head:
