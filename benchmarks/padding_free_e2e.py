@@ -355,7 +355,9 @@ def main() -> None:
     print(md)
     if "target" in out:
         print(f"\nours packing+padding_free vs TRL BFD packing: {out['target']['speedup_vs_trl_bfd']}x tokens/s "
-              f"(target {TARGET_SPEEDUP}x), memory <= TRL BFD: {out['target']['memory_le_trl_bfd']}")
+              f"(target {TARGET_SPEEDUP}x), memory <= TRL BFD: {out['target']['memory_le_trl_bfd']}"
+              + (" [smoke: tiny model on a shared CPU, our arms on the slow 'loop' path; not a measurement]"
+                 if a.smoke else ""))
     if "check" in out:
         print("backend parity vs alone:", json.dumps(out["check"].get("parity_vs_alone")))
         print("one attention layer fwd+bwd, ms:", json.dumps(out["check"].get("attention_layer_ms")))
