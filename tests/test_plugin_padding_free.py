@@ -8,9 +8,12 @@ import torch.nn.functional as F
 
 import sft_plugins
 from sft_plugins.embedded import build_dataset, build_model, build_tokenizer
+from sft_plugins.plugins import padding_free
 from sft_plugins.plugins._collate import PackedCollator
 
 CUDA = torch.cuda.is_available()
+# The GPU machine runs from a checkout (no entry points installed): the GPU tests name the module.
+_LOCAL = {"padding_free": padding_free}
 
 
 @pytest.fixture(scope="module")
@@ -333,7 +336,8 @@ def test_gpu_backends_equal_alone(tok, backend):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         ref = _alone(model, samples, device="cuda")
         trapped = _packed(model, dict(batch, attention_mask=torch.ones_like(batch["input_ids"])), samples)
-        stack = sft_plugins.compose(["padding_free"], options={"padding_free": {"attention": backend}})
+        stack = sft_plugins.compose(["padding_free"], options={"padding_free": {"attention": backend}},
+                                    plugins=_LOCAL)
         stack.prepare(model=model)
         got = _packed(model, batch, samples)
         stack.undo()
@@ -352,6 +356,6 @@ def test_gpu_auto_picks_fast_path(tok):
 
     model = build_model(tokenizer=tok, dtype=torch.bfloat16).cuda()
     args = SFTConfig(output_dir="/tmp/pf", report_to="none")
-    with sft_plugins.compose(["padding_free"]) as stack:
+    with sft_plugins.compose(["padding_free"], plugins=_LOCAL) as stack:
         stack.prepare(model=model, args=args)
         assert model.config._attn_implementation == "sft_packed"
