@@ -109,10 +109,9 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
         ax.text(v + vmax * 0.01, y, fmt(v) + ratio, va="center", fontsize=9)
     ax.set_yticks(ys, names)
     ax.set_xlim(0, vmax * 1.45)
-    ax.set_xlabel(xlabel)
+    ax.set_xlabel(f"{xlabel}      (green: better, red: worse, light blue: within ±{SAME_BAND:.0%} of the "
+                  "baseline, dashed)", fontsize=9)
     ax.set_title(title)
-    ax.text(1.0, -0.1 if len(arms) > 4 else -0.18, f"green: better, red: worse, light blue: within ±{SAME_BAND:.0%} "
-            "of the baseline (dashed)", transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#555555")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
