@@ -73,7 +73,9 @@ def model_errors(model: Any, extra_model_types: set[str]) -> list[str]:
         return [f"model must be a transformers PreTrainedModel instance, got {name}: load it yourself "
                 "and pass model=<instance> to prepare()"]
     cfg = text_config(model)
-    mtype = getattr(cfg, "model_type", None)
+    # The top-level type: a multimodal wrapper (e.g. "gemma3") has a text config of a known type
+    # but its own forward, which was not checked
+    mtype = getattr(model.config, "model_type", None)
     errors = []
     if mtype not in KNOWN_MODEL_TYPES | extra_model_types:
         errors.append(f"model_type {mtype!r} ({name}) is not one whose logits fused_ce knows how to form "
