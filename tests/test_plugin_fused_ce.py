@@ -512,3 +512,11 @@ def test_mixed_precision_autocast_wrapper(tmp_path, tok, lm_ds, sft_ds):
     fused, calls, trainer, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, options=TORCH, steps=4, bf16=True)
     assert calls == {"fused_lm_head": 4}
     assert_losses_close(base, fused, rel=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp32_trainer_parity_20_steps(tmp_path, tok, lm_ds, backends_used):
+    base, _ = train_hf([], tmp_path, tok, lm_ds, use_cpu=False)
+    fused, calls = train_hf(["fused_ce"], tmp_path, tok, lm_ds, use_cpu=False)
+    assert calls == {"labels": 20} and set(backends_used) == {"triton"}
+    assert_losses_close(base, fused)
