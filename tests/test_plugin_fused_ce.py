@@ -520,3 +520,13 @@ def test_cuda_fp32_trainer_parity_20_steps(tmp_path, tok, lm_ds, backends_used):
     fused, calls = train_hf(["fused_ce"], tmp_path, tok, lm_ds, use_cpu=False)
     assert calls == {"labels": 20} and set(backends_used) == {"triton"}
     assert_losses_close(base, fused)
+
+
+@pytest.mark.parametrize("other", ["padding_free", "packing"])
+def test_composes_with_padding_free_and_packing(tmp_path, tok, sft_ds, other):
+    # one flattened row per batch (position_ids, no attention_mask): the kernel sees the same tokens
+    base = train_sft([other], tmp_path, tok, sft_ds, steps=3, bs=4, max_length=64)[0]
+    fused, calls, _, _ = train_sft([other, "fused_ce"], tmp_path, tok, sft_ds, options=TORCH, steps=3, bs=4,
+                                   max_length=64)
+    assert calls == {"fused_lm_head": 3}
+    assert_losses_close(base, fused)
