@@ -178,3 +178,22 @@ def test_parity_rules_for_combinations_and_bf16():
     assert parity(_arm("a", ["a"], near), _arm("baseline", [], [], status="failed"), infos, False)["verdict"] is None
     s = summarize(_arm("x", [], [3.0, 2.0, 1.0]), skip_steps=1)
     assert s["tokens_per_s"] == pytest.approx(100.0) and s["final_loss"] == 1.0 and s["timed_steps"] == 2
+
+
+def test_arm_planning():
+    from sft_plugins._discovery import PluginInfo
+    from sft_plugins.ablate import make_config
+    from sft_plugins.ablate._runner import load_locals, plan_arms, plugin_infos
+
+    load = {"lr_boost": "ablate_plugins:LrBoost"}
+    local = load_locals(make_config(load=load))
+    infos = plugin_infos(local)
+    builtins = [n for n, i in infos.items() if i.source == "builtin"]
+    names = lambda **kw: [a.name for a in plan_arms(make_config(load=load, **kw), infos, local)]  # noqa: E731
+    assert names() == ["baseline", *builtins]  # the default: built-ins only
+    assert names(all_singles=True) == ["baseline", *infos] and "lr_boost" in infos
+    assert names(all=True)[-1] == "+".join(n for n, i in infos.items() if i.ok)
+    assert names(arms=["lr_boost", "baseline", "fused_ce+lr_boost"]) == ["baseline", "lr_boost", "fused_ce+lr_boost"]
+    broken = {**infos, "fused_ce": PluginInfo("fused_ce", "builtin", None, None, "x", error="ImportError: boom")}
+    arms = {a.name: a for a in plan_arms(make_config(), broken, {})}
+    assert "boom" in arms["fused_ce"].skipped and arms["baseline"].skipped is None

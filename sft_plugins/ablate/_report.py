@@ -150,8 +150,8 @@ def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
         status = arm["status"]
         out.append({
             "arm": arm["name"],
-            "status": status if status == "ok" else status.upper(),
-            "steps": f"{s.get('steps_done', 0)}",
+            "status": status if status in ("ok", "skipped") else f"{status.upper()} ({s.get('steps_done', 0)} steps)",
+            "tok/step": fmt_num(s.get("tokens_per_step")),
             "final loss": fmt_num(s.get("final_loss"), ".4f"),
             "loss parity": fmt_parity(p) if status == "ok" else "-",
             "tok/s": fmt_num(s.get("tokens_per_s")),
@@ -231,7 +231,8 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
             if tail:
                 lines += ["```", *tail.splitlines()[-15:], "```", ""]
     notes = [(a["name"], a["parity"]["note"]) for a in results["arms"]
-             if a.get("parity", {}).get("note") and a["parity"]["note"] != "reference"]
+             if a.get("parity", {}).get("note") and a["parity"]["note"] != "reference"
+             and "makes no loss-parity promise" not in a["parity"]["note"]]
     if notes:
         lines += ["## Notes", ""] + [f"- {name}: {note}" for name, note in notes] + [""]
     return "\n".join(lines)
