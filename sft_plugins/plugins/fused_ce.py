@@ -56,8 +56,8 @@ _SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
 _MARK = "_sft_plugins_fused_ce"
 _TRL_MODULE = "trl.trainer.sft_trainer"
 
-# id(base model) -> its patch. Keyed by id with a weakref check, since models need not be hashable
-# in a useful way and must not be kept alive by the plugin.
+# id(base model) -> its live patch (removed by undo). nn.Module hashes by identity anyway; the id
+# plus a weakref check guards against a recycled id should a patched model die without undo.
 _PATCHES: dict[int, _Patch] = {}
 _TRL_ORIGINAL: Callable[..., None] | None = None  # TRL's add_fused_lm_head while we intercept it
 _LAST_PATCH: weakref.ref[_Patch] | None = None  # the patch of the prepare() in progress (for its callback)
