@@ -65,11 +65,12 @@ def test_default_ablation_end_to_end(tmp_path, capsys):
 
 def test_parity_verdict_and_failing_arms(tmp_path):
     """A plugin promising parity but changing the loss fails the verdict; crashing arms (an exception,
-    and a process that dies) are reported while the other arms complete."""
+    and a process that dies) are reported while the other arms complete. Runs plain transformers.Trainer
+    (the default test covers TRL's SFTTrainer)."""
     out = tmp_path / "run"
     loads = ["--load", "lr_boost=ablate_plugins:LrBoost", 
              "--load", "crash=ablate_plugins:Crash", "--load", "hard_crash=ablate_plugins:HardCrash"]
-    code = main([*SMALL, *loads, "--arms", "crash,lr_boost,hard_crash", "--no-preflight",
+    code = main([*SMALL, *loads, "--arms", "crash,lr_boost,hard_crash", "--no-preflight", "--trainer", "hf",
                  "--output-dir", str(out)])
     assert code == 1  # some arm failed; the results are written all the same
     arms = _arms(_results(out))

@@ -117,8 +117,7 @@ def tokenize_for_trainer(dataset: Any, tok: Any, max_length: int) -> Any:
         if "messages" in example:
             ids = ids_of(example["messages"])
         elif "prompt" in example and "completion" in example:
-            p, c = example["prompt"], example["completion"]
-            ids = ids_of(p + c) if isinstance(p, list) else ids_of(p + c)
+            ids = ids_of(example["prompt"] + example["completion"])  # strings or message lists alike
         elif "text" in example:
             ids = ids_of(example["text"])
         else:
