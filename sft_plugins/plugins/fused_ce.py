@@ -45,7 +45,7 @@ from . import _lm_head
 
 NAME = "fused_ce"
 DEFAULT_OPTIONS: dict[str, Any] = {
-    "backend": "auto",          # kernel backend: "auto" (Triton on CUDA / TRITON_INTERPRET, else torch), "triton", "torch"
+    "backend": "auto",          # "auto" (Triton on CUDA / under TRITON_INTERPRET, else torch), "triton", "torch"
     "lm_head_lora": "train",    # a LoRA adapter on lm_head: "train" it through the kernel, or "refuse"
     "extra_model_types": [],    # model_types the user vouches for (plain lm_head + config scale/softcap)
 }
@@ -210,7 +210,8 @@ def _make_forward(patch: _Patch, cls_forward: Callable[..., Any]) -> Callable[..
     return forward
 
 
-def _hidden_and_labels(model: Any, args: tuple, kwargs: dict[str, Any], labels: Any, shift_labels: Any) -> tuple[Any, Any, Any]:
+def _hidden_and_labels(model: Any, args: tuple, kwargs: dict[str, Any], labels: Any,
+                       shift_labels: Any) -> tuple[Any, Any, Any]:
     """Backbone outputs, hidden states and labels aligned position by position (HF's shift)."""
     kwargs["use_cache"] = False  # training: no KV cache (TRL's head and TRL's compute_loss do the same)
     out = model.base_model(*args, **kwargs)
