@@ -198,3 +198,12 @@ def test_arm_planning():
     broken = {**infos, "fused_ce": PluginInfo("fused_ce", "builtin", None, None, "x", error="ImportError: boom")}
     arms = {a.name: a for a in plan_arms(make_config(), broken, {})}
     assert "boom" in arms["fused_ce"].skipped and arms["baseline"].skipped is None
+
+
+def test_timeout_is_reported(tmp_path):
+    """An arm over its time limit is killed (its process group) and reported; the run still ends."""
+    out = tmp_path / "run"
+    assert main(["--timeout", "3", "--arms", "baseline", "--output-dir", str(out)]) == 1
+    arms = _arms(_results(out))
+    assert list(arms) == ["baseline"] and arms["baseline"]["status"] == "timeout"
+    assert "killed after the 3 s timeout" in arms["baseline"]["error"]

@@ -65,7 +65,10 @@ def loss_plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
     top.set_ylabel("training loss")
     top.set_title("Loss per step (same seed, data order and hyperparameters)")
     top.grid(alpha=0.3)
-    top.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    if arms:
+        top.legend(loc="upper right", fontsize=9, framealpha=0.9)
+    else:
+        top.text(0.5, 0.5, "no arm finished a step", ha="center", va="center", transform=top.transAxes)
     bottom.set_yscale("log")
     bottom.set_ylabel("|loss − baseline| / baseline")
     bottom.set_xlabel("optimizer step")

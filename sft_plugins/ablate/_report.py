@@ -172,8 +172,9 @@ def terminal_table(results: Mapping[str, Any]) -> Any:
     from rich.table import Table
 
     env = results["environment"]
-    title = (f"sft-plugins ablate: {results['config']['model']} on {env.get('device_name') or env.get('device')} "
-             f"({env.get('dtype')}), {results['config']['steps']} steps")
+    where = env.get("device_name") or env.get("device") or results["config"]["device"]
+    dtype = f" ({env['dtype']})" if env.get("dtype") else ""
+    title = f"sft-plugins ablate: {results['config']['model']} on {where}{dtype}, {results['config']['steps']} steps"
     table = Table(title=title, caption=f"tok/s: loss-target tokens/s over steps {results['skip_steps'] + 1}+; "
                                        f"speed, mem: ratio to baseline; peak mem: {env.get('memory_kind') or '-'}; "
                                        f"loss parity: max relative loss diff vs the plugin's tolerance")

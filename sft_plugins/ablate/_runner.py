@@ -190,6 +190,8 @@ def run_child(spec: dict[str, Any], arm_dir: pathlib.Path, timeout: float,
         _kill(proc)
         proc.wait()
     reader.join(timeout=5)
+    if proc.stdout is not None:
+        proc.stdout.close()
     wall = time.monotonic() - started
 
     result: dict[str, Any] = {}
