@@ -263,6 +263,23 @@ def test_architectures_forward_parity(arch):
     assert_forward_parity(_tiny(arch, **ARCHS[arch]))
 
 
+def test_shift_labels_as_hf():
+    # context parallelism passes pre-shifted labels: scored without shifting, exactly as HF does
+    model = _tiny("llama")
+    ref = copy.deepcopy(model)
+    batch = _batch(512)
+    shift = batch["labels"].roll(3, dims=1)  # any labels: they must be scored position by position
+    ref.train()
+    want = ref(**batch, shift_labels=shift).loss
+    with sft_plugins.compose(["fused_ce"], options=TORCH) as stack:
+        stack.prepare(model=model)
+        model.train()
+        got = model(**batch, shift_labels=shift).loss
+        plain = model(**batch).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(float(plain.detach()) - float(got.detach())) > 1e-3  # the shift_labels path really differs
+
+
 def test_num_items_in_batch_normalisation():
     assert_forward_parity(_tiny("llama"), options=TORCH, num_items=37)
 

@@ -193,7 +193,8 @@ def _make_forward(patch: _Patch, cls_forward: Callable[..., Any]) -> Callable[..
                 raise ValueError("fused_lm_head=True needs labels")
             patch.calls["fused_lm_head"] += 1
             return _trl_forward(self, patch, args, kwargs, labels, shift_labels, num_items_in_batch)
-        if active and not fused_lm_head and self.training and has_labels and plain:
+        # HF computes a loss only when `labels` is given (then `shift_labels`, if any, wins)
+        if active and not fused_lm_head and self.training and labels is not None and plain:
             patch.calls["labels"] += 1
             return _labels_forward(self, patch, args, kwargs, labels, shift_labels, num_items_in_batch)
         if fused_lm_head:
