@@ -181,6 +181,14 @@ def test_trainer_parity_20_steps(tmp_path, tok, lm_ds, backends_used):
     assert_losses_close(base, fused)
 
 
+def test_sft_dft_loss_parity(tmp_path, tok, sft_ds):
+    # TRL's DFT loss weights each token by its probability: per-token log_probs gradients must be exact
+    base = train_sft([], tmp_path, tok, sft_ds, steps=4, loss_type="dft")[0]
+    fused, calls, _, _ = train_sft(["fused_ce"], tmp_path, tok, sft_ds, options=TORCH, steps=4, loss_type="dft")
+    assert calls == {"fused_lm_head": 4}
+    assert_losses_close(base, fused)
+
+
 # -- gradient accumulation -------------------------------------------------------------------------
 @pytest.mark.parametrize("trainer", ["sft", "hf"])
 def test_grad_accumulation_4x1_equals_1x4(tmp_path, tok, sft_ds, lm_ds, trainer):
