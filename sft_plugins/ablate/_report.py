@@ -13,6 +13,7 @@ from typing import Any
 from ._config import BASELINE, BF16_PARITY_FLOOR
 
 RESULTS_VERSION = 1
+NOISY = 0.25
 
 
 # -- numbers --------------------------------------------------------------------------------------
@@ -25,11 +26,20 @@ def summarize(arm: Mapping[str, Any], skip_steps: int) -> dict[str, Any]:
     seconds = sum(s["time_s"] for s in timed)
     tokens = sum(s["tokens"] for s in timed)
     peaks = [s["peak_memory_bytes"] for s in steps if s.get("peak_memory_bytes")]
+    rates = sorted(s["tokens"] / s["time_s"] for s in timed if s["time_s"] > 0 and s["tokens"])
+    median = rates[len(rates) // 2] if rates else None
+    mean = tokens / seconds if seconds > 0 and tokens else None
+    cpu = sum(s.get("cpu_s") or 0.0 for s in timed)
     return {
         "steps_done": len(steps),
         "timed_steps": len(timed),
         "final_loss": steps[-1]["loss"] if steps else None,
-        "tokens_per_s": tokens / seconds if seconds > 0 and tokens else None,
+        "tokens_per_s": mean,
+        # robust to bursts of load from other processes on a shared machine; when the two disagree by
+        # more than NOISY, the table flags the arm's timing as noisy
+        "tokens_per_s_median": median,
+        "tokens_per_cpu_s": tokens / cpu if cpu > 0 and tokens else None,
+        "timing_noisy": bool(mean and median and abs(mean / median - 1) > NOISY),
         "step_s": seconds / len(timed) if timed else None,
         "tokens_per_step": tokens / len(timed) if timed else None,
         "peak_memory_bytes": max(peaks) if peaks else None,
@@ -154,7 +164,7 @@ def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
             "tok/step": fmt_num(s.get("tokens_per_step")),
             "final loss": fmt_num(s.get("final_loss"), ".4f"),
             "loss parity": fmt_parity(p) if status == "ok" else "-",
-            "tok/s": fmt_num(s.get("tokens_per_s")),
+            "tok/s": fmt_num(s.get("tokens_per_s")) + ("*" if s.get("timing_noisy") else ""),
             "speed": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×",
             "ms/step": "-" if s.get("step_s") is None else f"{s['step_s'] * 1000:,.0f}",
             "peak mem": fmt_bytes(s.get("peak_memory_bytes")),
@@ -177,7 +187,8 @@ def terminal_table(results: Mapping[str, Any]) -> Any:
     title = f"sft-plugins ablate: {results['config']['model']} on {where}{dtype}, {results['config']['steps']} steps"
     table = Table(title=title, caption=f"tok/s: loss-target tokens/s over steps {results['skip_steps'] + 1}+; "
                                        f"speed, mem: ratio to baseline; peak mem: {env.get('memory_kind') or '-'}; "
-                                       f"loss parity: max relative loss diff vs the plugin's tolerance")
+                                       f"loss parity: max relative loss diff vs the plugin's tolerance"
+                                       + _noisy_note(results))
     data = rows(results)
     for col in (data[0].keys() if data else ["arm"]):
         table.add_column(col, justify="left" if col in ("arm", "status", "loss parity") else "right",
@@ -188,6 +199,15 @@ def terminal_table(results: Mapping[str, Any]) -> Any:
         cells = [f"[{parity_style}]{v}[/]" if k == "loss parity" and parity_style else v for k, v in row.items()]
         table.add_row(*cells, style=style)
     return table
+
+
+def _noisy_note(results: Mapping[str, Any]) -> str:
+    noisy = [a for a in results["arms"] if (a.get("summary") or {}).get("timing_noisy")]
+    if not noisy:
+        return ""
+    medians = ", ".join(f"{a['name']} {a['summary']['tokens_per_s_median']:,.0f}" for a in noisy)
+    return (f"\n* step times varied: mean tok/s is {NOISY:.0%}+ off the median step's ({medians}): "
+            "was the machine busy?")
 
 
 def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
@@ -214,13 +234,18 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         f"- **tokens/s**: loss-target tokens (labels ≠ -100 after the causal shift; pad and packing filler never "
         f"count) per second of wall time, over steps {results['skip_steps'] + 1}–{cfg['steps']} (the first "
-        f"{results['skip_steps']} are warm-up). **speed**, **mem**: ratio to the baseline arm.",
+        f"{results['skip_steps']} are warm-up). **speed**, **mem**: ratio to the baseline arm."
+        + _noisy_note(results).replace("\n", " "),
         f"- **peak mem**: {env.get('memory_kind') or '-'} (on CPU this is the whole process, imports included).",
         "- **loss parity**: ✓/✗ max over steps of |loss − baseline loss| / baseline loss, against the tolerance the "
         "plugin promises (a combination: the loosest member's; none if any member makes no promise; "
         f"bf16 runs: at least {BF16_PARITY_FLOOR:g}); — Δ: the plugin makes no promise, the difference is shown.",
         "",
     ]
+    cpu_rates = [(a["name"], (a.get("summary") or {}).get("tokens_per_cpu_s")) for a in results["arms"]]
+    if env.get("device") == "cpu" and any(r for _, r in cpu_rates):
+        lines += ["Tokens per CPU-second (process CPU time, all threads: less sensitive than wall time to other "
+                  "load on a shared machine): " + ", ".join(f"{n} {r:,.0f}" for n, r in cpu_rates if r) + ".", ""]
     for kind, path in plots.items():
         lines += [f"![{kind}]({pathlib.Path(path).name})", ""]
     problems = [a for a in results["arms"] if a["status"] != "ok"]
