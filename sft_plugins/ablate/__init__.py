@@ -103,6 +103,16 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
     return final
 
 
+def _terminate_cleanly() -> None:
+    """SIGTERM (a CI timeout, `kill`) should end the running arm too: the child has its own process
+    group, so it would outlive the parent. Raising SystemExit unwinds through run_child's cleanup."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``sft-plugins ablate [options]``: 0 when every arm ran, 1 when some arm failed (the results
     are still written), 2 for bad options (one line on stderr)."""
@@ -112,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     err = Console(stderr=True)
+    _terminate_cleanly()
     try:
         config = parse_args(argv)
         results = run_ablation(config, console=err)

@@ -169,21 +169,26 @@ def run_child(spec: dict[str, Any], arm_dir: pathlib.Path, timeout: float,
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     timed_out = False
-    while True:
-        remaining = timeout - (time.monotonic() - started)
-        if remaining <= 0 and not timed_out:
-            timed_out = True
-            _kill(proc)
-        try:
-            event = events.get(timeout=max(0.05, min(0.5, remaining)) if not timed_out else 5.0)
-        except queue.Empty:
-            if timed_out:
+    try:
+        while True:
+            remaining = timeout - (time.monotonic() - started)
+            if remaining <= 0 and not timed_out:
+                timed_out = True
+                _kill(proc)
+            try:
+                event = events.get(timeout=max(0.05, min(0.5, remaining)) if not timed_out else 5.0)
+            except queue.Empty:
+                if timed_out:
+                    break
+                continue
+            if event is None:
                 break
-            continue
-        if event is None:
-            break
-        if on_event is not None:
-            on_event(event)
+            if on_event is not None:
+                on_event(event)
+    except BaseException:
+        # Ctrl-C reaches only the parent (the child has its own session): take the child down with us
+        _kill(proc)
+        raise
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
