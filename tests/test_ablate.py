@@ -19,6 +19,8 @@ from sft_plugins.ablate._config import BF16_PARITY_FLOOR, parse_args
 from sft_plugins.ablate._report import parity, summarize
 
 TESTS = pathlib.Path(__file__).parent
+if str(TESTS) not in sys.path:  # ablate_plugins must import here (and so in the children) in any import mode
+    sys.path.insert(0, str(TESTS))
 SMALL = ["--steps", "4", "--batch-size", "4", "--max-length", "128", "--skip-steps", "1"]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._config import BASELINE, AblationConfig, ConfigError, load_yaml, make_config, parse_args
 
-__all__ = ["AblationConfig", "ConfigError", "load_yaml", "main", "make_config", "run_ablation"]
+__all__ = ["BASELINE", "AblationConfig", "ConfigError", "load_yaml", "main", "make_config", "run_ablation"]
 
 EXIT_OK, EXIT_ARM_FAILED, EXIT_BAD_OPTIONS = 0, 1, 2
 
