@@ -329,6 +329,12 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="JSON results path")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run that checks the script")
     ap.add_argument("--budget-s", type=float, default=None, help="skip what starts after this many seconds")
+    ap.add_argument("--models", default=None, help="comma-separated presets of the plan to run (default all)")
+    ap.add_argument("--cap-only", action="store_true", help="only the max-sequence probes under the cap")
+    ap.add_argument("--no-cap", action="store_true", help="skip the max-sequence probes")
+    ap.add_argument("--cap-arms", default=None, help="comma-separated arms to probe under the cap, in order")
+    ap.add_argument("--merge", default=None, help="start from this earlier JSON (timing rows and cap results "
+                    "kept; rows measured again replace them), so one table can come from several runs")
     args = ap.parse_args()
 
     import torch
@@ -336,6 +342,12 @@ def main() -> int:
     from sft_plugins.plugins._offload import host_memory
 
     cfg = plan(args.smoke)
+    if args.models:
+        cfg["models"] = [m for m in cfg["models"] if m["preset"] in args.models.split(",")]
+    if args.cap_arms and cfg["cap"]:
+        cfg["cap"]["arms"] = args.cap_arms.split(",")
+    if args.no_cap:
+        cfg["cap"] = None
     budget = args.budget_s or cfg["budget_s"]
     device = cfg["device"]
     if device == "cuda" and not torch.cuda.is_available():
@@ -352,6 +364,15 @@ def main() -> int:
         "host_ram_gib": dict(zip(("total", "available"), (v / GiB for v in host_memory()))),
         "skipped": [],
     }
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        out["timing"], out["cap"] = earlier.get("timing", []), earlier.get("cap")
+        out["merged_from"] = [earlier.get("command"), *earlier.get("merged_from", [])]
+
+    def keep_row(row: dict[str, Any]) -> None:  # a re-measured row replaces the merged one
+        key = (row["model"], row.get("seq"), row.get("arm"))
+        out["timing"] = [r for r in out["timing"] if (r["model"], r.get("seq"), r.get("arm")) != key]
+        out["timing"].append(row)
 
     def save() -> None:
         out["elapsed_s"] = time.perf_counter() - t_start
@@ -365,7 +386,7 @@ def main() -> int:
         t0 = time.perf_counter()
         model = build(mcfg["preset"], device, dtype)
         print(f"# built {mcfg['preset']} in {time.perf_counter() - t0:.1f}s", flush=True)
-        for seq in mcfg["seqs"]:
+        for seq in ([] if args.cap_only else mcfg["seqs"]):
             for arm in mcfg["arms"]:
                 if arm == "none" and seq > mcfg.get("none_max_seq", 1 << 30):
                     continue
@@ -374,7 +395,7 @@ def main() -> int:
                     continue
                 steps = mcfg.get("steps_at", {}).get(seq, cfg["steps"])
                 row = {"model": mcfg["preset"], **measure(model, arm, seq, steps, device)}
-                out["timing"].append(row)
+                keep_row(row)
                 print(f"# {row['model']} {seq} {arm}: {row.get('step_s', row.get('error'))}", flush=True)
                 save()
         cap = cfg["cap"]
@@ -382,7 +403,7 @@ def main() -> int:
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(cap["gib"] * GiB / total)
             try:
-                results = []
+                results = [r for r in (out["cap"] or {}).get("results", []) if r["arm"] not in cap["arms"]]
                 for arm in cap["arms"]:
                     if time.perf_counter() - t_start > budget:
                         out["skipped"].append(f"cap {arm}: time budget")

@@ -312,3 +312,27 @@ def test_cuda_bf16_step(tmp_path, tok, paged):
     assert opt.state[up]["state1"].dtype == torch.uint8 and not torch.equal(before, up.detach())
     assert opt.state[model.get_input_embeddings().weight]["state1"].dtype == torch.float32
     assert adamw_8bit.state_bytes(opt)["bytes_per_param_8bit"] <= 2.1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_step_without_per_parameter_syncs_equals_bitsandbytes(device):
+    """Our non-paged step drops bitsandbytes' per-parameter device syncs: same updates, bit for bit."""
+    torch.manual_seed(0)
+    shapes = [(64, 128), (4096,), (128, 64), (32,)]  # 8-bit and (small) 32-bit state tensors
+    ours_params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    ref_params = [p.detach().clone().requires_grad_(True) for p in ours_params]
+    cls = adamw_8bit.optimizer_classes()[False]
+    ours = cls(ours_params, lr=1e-2, weight_decay=0.01, fp32_params=[ours_params[2]])
+    ref = bnb.optim.AdamW8bit(ref_params, lr=1e-2, weight_decay=0.01)
+    ref.mng.override_config(ref_params[2], "optim_bits", 32)
+    for _ in range(3):
+        for a, b in zip(ours_params, ref_params):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        ours.step()
+        ref.step()
+    for a, b in zip(ours_params, ref_params):
+        assert torch.equal(a, b)
+    assert ours.state[ours_params[0]]["state1"].dtype == torch.uint8
+    assert ours.state[ours_params[2]]["state1"].dtype == torch.float32
