@@ -188,9 +188,12 @@ class Stack:
         if answer is None:
             return
         optimizers = out.get("optimizers")
-        if optimizers is not None and any(o is not None for o in optimizers):
-            raise PluginError(f"{answer[0]} supplies the optimizer, and optimizers= was passed too: "
-                              f"drop optimizers= or the {answer[0]} plugin")
+        # (None, scheduler) is fine: Trainer builds the optimizer from optimizer_cls_and_kwargs and
+        # keeps the user's scheduler; only a ready optimizer conflicts
+        if optimizers is not None and optimizers[0] is not None:
+            raise PluginError(f"{answer[0]} supplies the optimizer, and an optimizer was passed in optimizers= "
+                              f"too: drop it (a scheduler alone, optimizers=(None, scheduler), is fine) or "
+                              f"the {answer[0]} plugin")
         if out.get("optimizer_cls_and_kwargs") is not None:
             raise PluginError(f"{answer[0]} supplies the optimizer, and optimizer_cls_and_kwargs= was passed "
                               f"too: drop one of them")

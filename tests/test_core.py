@@ -144,8 +144,12 @@ def test_collator_and_optimizer_refuse_user_values(tmp_path):
     with pytest.raises(PluginError, match="data_collator= was passed"):
         sft_plugins.compose(["col"], plugins={"col": col}).prepare(args=sft_args(tmp_path), data_collator=object())
     opt = make_plugin("opt", sft_optimizer_cls_and_kwargs=lambda: (object, {}))
-    with pytest.raises(PluginError, match="optimizers= was passed"):
+    with pytest.raises(PluginError, match="optimizer was passed in optimizers="):
         sft_plugins.compose(["opt"], plugins={"opt": opt}).prepare(args=sft_args(tmp_path), optimizers=(object(), None))
+    scheduler = object()  # a scheduler alone stays the user's: Trainer builds the optimizer from the class
+    kwargs = sft_plugins.compose(["opt"], plugins={"opt": opt}).prepare(args=sft_args(tmp_path),
+                                                                       optimizers=(None, scheduler))
+    assert kwargs["optimizers"] == (None, scheduler) and kwargs["optimizer_cls_and_kwargs"] == (object, {})
     with pytest.raises(PluginError, match="optimizer_cls_and_kwargs= was passed"):
         sft_plugins.compose(["opt"], plugins={"opt": opt}).prepare(args=sft_args(tmp_path),
                                                                   optimizer_cls_and_kwargs=(object, {}))
