@@ -476,9 +476,11 @@ def test_gpu_checkpoints_leave_the_gpu(tok):
         if arm == "hf":
             model.gradient_checkpointing_enable()
         seen = {}
-        # a pre-hook that returns a value replaces the module's inputs: record, return None
-            model.model.norm.register_forward_pre_hook(
-                lambda m, a: seen.setdefault("mem", torch.cuda.memory_allocated()) and None)
+
+        def record(module, args):  # returns None: a pre-hook's return value would replace the inputs
+            seen.setdefault("mem", torch.cuda.memory_allocated())
+
+        model.model.norm.register_forward_pre_hook(record)
         ids = torch.randint(0, len(tok), (1, seq), device="cuda")
         torch.cuda.synchronize()
         start = torch.cuda.memory_allocated()
