@@ -119,7 +119,7 @@ def resolve_head(head: Any, *, lora: str) -> Projector:
     """
     import torch
 
-    kind = type(head)
+    kind = _unsharded_class(type(head))
     module = kind.__module__
     if module.startswith("peft.") and kind.__name__ == "ModulesToSaveWrapper":
         active = list(getattr(head, "active_adapters", []) or [])
@@ -134,7 +134,7 @@ def resolve_head(head: Any, *, lora: str) -> Projector:
         raise UnsupportedHead(f"the lm_head is wrapped by PEFT's {kind.__name__}, which fused_ce cannot fuse "
                               "(it would be silently untrained): keep the lm_head out of the PEFT config "
                               "(target_modules / trainable_token_indices) or drop fused_ce")
-    if type(head) is not torch.nn.Linear:
+    if kind is not torch.nn.Linear:
         raise UnsupportedHead(f"the lm_head is a {kind.__module__}.{kind.__name__}, not a plain nn.Linear "
                               "(quantised or custom heads are not fused): drop fused_ce for this model")
 
@@ -142,6 +142,22 @@ def resolve_head(head: Any, *, lora: str) -> Projector:
         return h, head.weight, head.bias
 
     return project
+
+
+def is_fsdp_module(module: Any) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module`` (without importing torch.distributed)."""
+    return _unsharded_class(type(module)) is not type(module)
+
+
+def _unsharded_class(kind: type) -> type:
+    """The module's own class under FSDP2: ``fully_shard`` swaps a module's class for a dynamic
+    ``FSDP<Name>(FSDPModule, <Name>)`` subclass (e.g. ``FSDPLinear``); its parameters stay the module's
+    own, sharded as DTensors between forwards. Any other subclass is returned unchanged (and refused
+    where a plain class is needed)."""
+    bases = kind.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[0].__module__.startswith("torch.distributed"):
+        return bases[1]
+    return kind
 
 
 def _resolve_lora(layer: Any, *, lora: str) -> Projector:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -49,9 +50,15 @@ def host_memory() -> tuple[int, int]:
 
 
 def default_budget() -> int:
-    """A safe default host budget: a quarter of the RAM, and never more than half of what is free now."""
+    """A safe default host budget: a quarter of the RAM, and never more than half of what is free now,
+    shared by the training processes of this host (``LOCAL_WORLD_SIZE``, which torchrun and accelerate
+    launch set): under DDP each rank offloads its own checkpoints into its own buffers."""
     total, available = host_memory()
-    return int(min(0.25 * total, 0.5 * available))
+    try:
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        ranks = 1
+    return int(min(0.25 * total, 0.5 * available) / ranks)
 
 
 def default_reserve() -> int:

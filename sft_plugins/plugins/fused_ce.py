@@ -228,15 +228,38 @@ def _hidden_and_labels(model: Any, args: tuple, kwargs: dict[str, Any], labels: 
 
 def _kernel_inputs(model: Any, patch: _Patch, hidden: Any) -> tuple[Any, Any, Any]:
     # Resolved per call: PEFT / FSDP may replace the head after prepare(); cheap type checks only
+    head = model.get_output_embeddings()
+    _unshard_fsdp_head(head)
     try:
-        project = _lm_head.resolve_head(model.get_output_embeddings(), lora=patch.lora_mode)
+        project = _lm_head.resolve_head(head, lora=patch.lora_mode)
     except _lm_head.UnsupportedHead as exc:
         raise PluginError(f"fused_ce: {exc}") from None
     h, w, b = project(hidden)
-    if type(w).__name__ == "DTensor":  # FSDP2 shards the head: gather it once, as TRL's head does
+    if type(w).__name__ == "DTensor":
+        if any(_lm_head.is_fsdp_module(m) for m in model.modules()):
+            raise PluginError("fused_ce: under FSDP the lm_head weight is still sharded when the kernel reads it "
+                              "and no FSDP unit on the lm_head can unshard it: shard the lm_head as its own unit "
+                              "or with the model's root (accelerate's FSDP2 default), or drop fused_ce")
+        # A DTensor that no FSDP unit manages (tensor parallel): gather it, as TRL's head does
         w = w.full_tensor()
         b = b.full_tensor() if b is not None else None
     return h.to(w.device), w, b  # device_map: the backbone may end on another device than the head
+
+
+def _unshard_fsdp_head(head: Any) -> None:
+    """FSDP2: make sure the head's parameters are unsharded before the kernel reads them.
+
+    Normally FSDP has done it already: accelerate puts ``[norm, lm_head]`` in one unit (or the head stays
+    in the root's) whose pre-forward hook runs inside the backbone, so the weight is the unsharded
+    parameter here. A head that is an FSDP unit of its own is never unsharded, because the kernel
+    bypasses ``lm_head.forward``: unshard it through FSDP (``FSDPModule.unshard()``, which follows the
+    mixed-precision policy). The gradient then lands on the unsharded parameter and FSDP's final
+    post-backward reduce-scatters (averages) it into the shards like any unit's, and reshards.
+    ``full_tensor()`` instead would leave each rank's shard with only its own rank's gradient."""
+    for module in head.modules():
+        if _lm_head.is_fsdp_module(module) and any(
+                type(p).__name__ == "DTensor" for p in module.parameters()):
+            module.unshard()
 
 
 def _labels_forward(model: Any, patch: _Patch, args: tuple, kwargs: dict[str, Any], labels: Any,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ logger = logging.getLogger("sft_plugins")
 DEFAULT_OPTIONS: dict[str, Any] = {
     "offload": "auto",           # "auto": offload CUDA inputs; "never": plain checkpointing; "always": also
                                  # copy CPU inputs through the host pool (exercises the machinery without a GPU)
-    "host_budget_gb": None,      # pinned host buffers; None: min(25% of RAM, 50% of RAM available now)
+    "host_budget_gb": None,      # pinned host buffers; None: min(25% of RAM, 50% available now) / local ranks
     "overflow": "gpu",           # past the budget: "gpu" keeps inputs on the GPU; "pageable" uses pageable RAM
     "pageable_budget_gb": None,  # with overflow="pageable"; None: same rule as host_budget_gb
     "host_reserve_gb": None,     # never allocate below this much available RAM; None: max(2 GiB, 5% of RAM)
@@ -120,8 +121,14 @@ def _args_errors(args: Any) -> list[str]:
         errors.append(f"{NAME} is not supported with DeepSpeed (ZeRO partitions the layer parameters it "
                       "recomputes with): use DeepSpeed's activation checkpointing instead")
     fsdp = getattr(args, "fsdp", None)
-    if fsdp and fsdp not in ("", []):
-        errors.append(f"{NAME} is not supported with FSDP: use fsdp_config={{'activation_checkpointing': True}}")
+    # `accelerate launch --use_fsdp` (or an accelerate config with FSDP) turns FSDP on through the
+    # environment, with args.fsdp unset: the trainer's Accelerator reads ACCELERATE_USE_FSDP
+    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if (fsdp and fsdp not in ("", [])) or fsdp_env:
+        how = "fsdp_activation_checkpointing: true in the accelerate config" if fsdp_env and not fsdp else \
+            "fsdp_config={'activation_checkpointing': True}"
+        errors.append(f"{NAME} is not supported with FSDP (FSDP2 shards the layer parameters it recomputes "
+                      f"with): use FSDP's own activation checkpointing, {how}")
     return errors
 
 
