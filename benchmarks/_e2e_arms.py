@@ -324,7 +324,9 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
     mods = {"fused_ce": fused_ce, "smart_checkpointing": smart_checkpointing, "padding_free": padding_free,
             "packing": packing, "adamw_8bit": adamw_8bit}
     ours = spec["ours"]
-    options = {"padding_free": {"attention": spec["attention"]}} if "padding_free" in ours else None
+    options = {name: dict(opts) for name, opts in spec.get("options", {}).items()}
+    if "padding_free" in ours:
+        options.setdefault("padding_free", {})["attention"] = spec["attention"]
     # explicit modules: the GPU machine runs from a checkout, without our entry points
     stack = sft_plugins.compose(ours, options=options, plugins={n: mods[n] for n in ours})
     meter = make_meter(spec, tok.pad_token_id)

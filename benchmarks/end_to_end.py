@@ -58,12 +58,14 @@ CHILD = Path(__file__).resolve().parent / "_e2e_arms.py"
 TARGET_SPEEDUP = 1.2
 ALL = ["packing", "padding_free", "fused_ce", "smart_checkpointing", "adamw_8bit"]
 FULL_FT_LR = 2e-5
+LEAN = {"mlp_chunks": 8, "keep_last_on_gpu": 0}
 
 
 def _arm(kind: str = "trl", trl: dict[str, Any] | None = None, ours: list[str] | None = None, *, peer: bool = False,
-         lora: bool = True, workload: str = "short", needs: str | None = None) -> dict[str, Any]:
+         lora: bool = True, workload: str = "short", needs: str | None = None,
+         options: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"kind": kind, "trl": trl or {}, "ours": ours or [], "peer": peer, "lora": lora, "workload": workload,
-            "needs": needs}
+            "needs": needs, "options": options or {}}
 
 
 ARMS: dict[str, dict[str, Any]] = {
@@ -77,6 +79,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_packing_padding_free": _arm(ours=["packing", "padding_free"]),
     "ours_adamw_8bit": _arm(ours=["adamw_8bit"]),
     "ours_all": _arm(ours=ALL),
+    # the least GPU memory: every checkpoint off the GPU, each layer's MLP recomputed in 8 sequence chunks
+    "ours_all_lean": _arm(ours=ALL, options={"smart_checkpointing": LEAN}),
     "unsloth_default": _arm("unsloth", peer=True, needs="unsloth"),
     "unsloth_packing": _arm("unsloth", {"packing": True}, peer=True, needs="unsloth"),
     "trl_full_ft": _arm(trl={"optim": "adamw_torch_fused"}, peer=True, lora=False),
@@ -412,7 +416,7 @@ def main() -> None:
             rec.update(status="skipped", reason=reason)
         else:
             spec = {"kind": arm["kind"], "arm": n, "device": device, "trl": arm["trl"], "ours": arm["ours"],
-                    "lora": arm["lora"], "lr": 2e-4 if arm["lora"] else FULL_FT_LR, "steps": steps, "warmup": warmup,
+                    "options": arm["options"], "lora": arm["lora"], "lr": 2e-4 if arm["lora"] else FULL_FT_LR, "steps": steps, "warmup": warmup,
                     "attention": a.attention or ("loop" if a.smoke else "auto"), "model_dir": a.model_dir,
                     "workload": workload(arm["workload"], a.smoke, a.long_tokens, steps),
                     "mem_cap_gib": a.long_mem_cap_gib if arm["workload"] == "long" else None,
