@@ -10,9 +10,11 @@ subprocess (patches are process-global); Unsloth arms with Unsloth's own PYTHONP
 Arms (``--arms``, comma list, or ``set1`` / ``set2`` / ``all``):
   peers, 2k LoRA  trl_default, trl_padding_free (max_length=None), trl_packing_bfd, trl_liger_packing
                   (use_liger_kernel + BFD packing), unsloth_default, unsloth_packing (Unsloth's defaults:
-                  its offloaded checkpointing, padding-free, optim adamw_torch as in the anchor)
+                  its offloaded checkpointing, padding-free, optim adamw_torch as in the anchor, and its
+                  SFTConfig default gradient_accumulation_steps=2: two batches per optimizer step)
   ours, 2k LoRA   ours_fused_ce, ours_smart_checkpointing, ours_padding_free, ours_packing (alone: sdpa's
-                  dense block-diagonal mask), ours_packing_padding_free, ours_adamw_8bit, ours_all (all five)
+                  dense block-diagonal mask), ours_packing_padding_free, ours_adamw_8bit, ours_all (all five),
+                  ours_all_lean (all five, smart_checkpointing {mlp_chunks: 8, keep_last_on_gpu: 0})
   2k full FT      trl_full_ft (TRL defaults, adamw_torch_fused), ours_all_full_ft (all five); lr 2e-5
   16k LoRA        long_trl_default, long_trl_liger, long_ours_all: batch 1, one 16,383-token sample per
                   step (``--long-tokens``), an OOM is recorded as "OOM" (``--long-mem-cap-gib`` caps memory)
