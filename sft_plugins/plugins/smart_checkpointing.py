@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -122,8 +121,10 @@ def _args_errors(args: Any) -> list[str]:
                       "recomputes with): use DeepSpeed's activation checkpointing instead")
     fsdp = getattr(args, "fsdp", None)
     # `accelerate launch --use_fsdp` (or an accelerate config with FSDP) turns FSDP on through the
-    # environment, with args.fsdp unset: the trainer's Accelerator reads ACCELERATE_USE_FSDP
-    fsdp_env = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    # environment, with args.fsdp unset: read ACCELERATE_USE_FSDP the way the trainer's Accelerator does
+    from accelerate.utils import parse_flag_from_env
+
+    fsdp_env = parse_flag_from_env("ACCELERATE_USE_FSDP")
     if (fsdp and fsdp not in ("", [])) or fsdp_env:
         how = "fsdp_activation_checkpointing: true in the accelerate config" if fsdp_env and not fsdp else \
             "fsdp_config={'activation_checkpointing': True}"
