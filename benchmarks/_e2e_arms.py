@@ -83,6 +83,7 @@ def make_meter(spec: dict[str, Any], pad_id: int):
 
     cuda = spec["device"] == "cuda"
     steps, n_prof = spec["steps"], spec.get("profile_steps", 0) if spec.get("profile") else 0
+    snapshot = cuda and bool(spec.get("memory_snapshot"))
 
     def sync() -> None:
         if cuda:
@@ -98,6 +99,8 @@ def make_meter(spec: dict[str, Any], pad_id: int):
             self.batch_keys: dict[str, Any] | None = None
             self.last = 0.0
             self.prof = None
+            self.memory: dict[str, Any] | None = None
+            self.memory_base = 0
             self.pad_id = pad_id
             self.trainer = None  # set after construction: TRL's own num_tokens counter is recorded alongside
 
@@ -136,6 +139,10 @@ def make_meter(spec: dict[str, Any], pad_id: int):
             self.last = time.perf_counter()
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if snapshot and state.global_step == steps - 1:
+                sync()
+                self.memory_base = torch.cuda.memory_allocated()
+                torch.cuda.memory._record_memory_history(max_entries=1_000_000)
             if n_prof and state.global_step == steps and self.prof is None:
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
                 self.prof = torch.profiler.profile(activities=acts)
@@ -150,6 +157,10 @@ def make_meter(spec: dict[str, Any], pad_id: int):
                               "positions": int(vals[4]),
                               "trl_num_tokens_total": getattr(self.trainer, "_total_train_tokens", None)})
             self.acc, self.last = None, now
+            if snapshot and state.global_step == steps:
+                snap = torch.cuda.memory._snapshot()
+                torch.cuda.memory._record_memory_history(enabled=None)
+                self.memory = memory_peak_breakdown(snap, self.memory_base)
             if self.prof is not None and state.global_step == steps + n_prof:
                 self.prof.__exit__(None, None, None)
 
@@ -191,6 +202,44 @@ def summarise(meter: Any, spec: dict[str, Any], fm: dict[str, Any], result: dict
         flops_model=fm)
     if meter.prof is not None:
         result["profile"] = profile_summary(meter.prof, spec)
+    if meter.memory is not None:
+        result["memory_at_peak"] = meter.memory
+
+
+def memory_peak_breakdown(snapshot: dict[str, Any], base_bytes: int, top: int = 30) -> dict[str, Any]:
+    """Replays one recorded step of the caching allocator: the peak of allocated bytes within it and the
+    tensors live at that moment (allocated during the step), grouped by the first frame of ours or of
+    the HF stack that allocated them; ``base_bytes`` were live before the step (weights, optimizer state)."""
+    trace = snapshot["device_traces"][0] if snapshot.get("device_traces") else []
+    live: dict[int, dict[str, Any]] = {}
+    cur = peak = 0
+    peak_live: dict[int, dict[str, Any]] = {}
+    for ev in trace:
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            cur += ev["size"]
+            if cur > peak:
+                peak, peak_live = cur, dict(live)
+        elif ev["action"] == "free_requested" and ev["addr"] in live:
+            cur -= live.pop(ev["addr"])["size"]
+
+    def where(ev: dict[str, Any]) -> str:
+        frames = ev.get("frames") or []
+        for keys in (("sft_plugins/",), ("peft/", "transformers/", "trl/", "benchmarks/")):
+            for fr in frames:
+                if any(k in fr.get("filename", "") for k in keys):
+                    return f"{fr['filename'].split('site-packages/')[-1].split('/main/')[-1]}:{fr['line']} {fr['name']}"
+        return frames[0]["name"] if frames else "?"
+
+    groups: dict[str, list[int]] = {}
+    for ev in peak_live.values():
+        g = groups.setdefault(where(ev), [0, 0])
+        g[0] += ev["size"]
+        g[1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"base_GiB": round(base_bytes / 2**30, 3), "step_peak_above_base_GiB": round(peak / 2**30, 3),
+            "peak_GiB": round((base_bytes + peak) / 2**30, 3), "events": len(trace),
+            "top": [{"where": k, "MiB": round(v[0] / 2**20, 1), "tensors": v[1]} for k, v in rows]}
 
 
 def _trl_tokens(rows: list[dict[str, Any]], warmup: int, steps: int) -> float | None:

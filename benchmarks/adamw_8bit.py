@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("fused_adamw", "adamw_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged", "torchao_adamw8bit")
+ARMS = ("fused_adamw", "adamw_8bit", "hf_bnb_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged", "torchao_adamw8bit")
 TARGET_STATE_BYTES = 2.1
 TARGET_STEP_RATIO = 1.10
 
@@ -62,6 +62,9 @@ def build_optimizer(arm: str, model: Any, lr: float, device: str) -> Any:
                              use_cpu=device == "cpu", bf16=device != "cpu", learning_rate=lr,
                              weight_decay=0.01, optim="adamw_torch_fused", save_strategy="no")
     if arm == "fused_adamw":
+        return Trainer(model=model, args=args).create_optimizer()
+    if arm == "hf_bnb_8bit":  # what a user gets today from transformers alone: bitsandbytes' own step
+        args.optim = "adamw_bnb_8bit"
         return Trainer(model=model, args=args).create_optimizer()
     if arm == "torchao_adamw8bit":
         from torchao.optim import AdamW8bit
@@ -146,6 +149,7 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
             step_ms.append((t2 - t0) * 1e3)
             opt_ms.append(ev0.elapsed_time(ev1) if cuda else (t2 - t1) * 1e3)
 
+    profile = profile_optimizer_step(opt, model, batch, autocast) if cfg.get("profile") else None
     state = state_bytes(opt)
     out: dict[str, Any] = {
         "arm": arm,
@@ -158,11 +162,49 @@ def run_arm(arm: str, cfg: dict[str, Any]) -> dict[str, Any]:
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
+    if profile:
+        out["optimizer_step_profile"] = profile
     if cuda:
         out.update(first_step_memory_growth_bytes=first_step_growth,
                    peak_allocated_bytes=torch.cuda.max_memory_allocated(),
                    peak_reserved_bytes=torch.cuda.max_memory_reserved())
     return out
+
+
+def profile_optimizer_step(opt: Any, model: Any, batch: Any, autocast: Any, steps: int = 3) -> dict[str, Any]:
+    """Where an optimizer step's time goes: host (Python + launches) vs device (kernels), top ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = batch.is_cuda
+    host_ms: list[float] = []
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            with autocast:
+                model(input_ids=batch, labels=batch).loss.backward()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.profiler.record_function("optimizer.step"):
+                opt.step()
+            host_ms.append((time.perf_counter() - t0) * 1e3)  # until the last launch returned
+            if cuda:
+                torch.cuda.synchronize()
+            opt.zero_grad(set_to_none=True)
+    events = [e for e in prof.events() if e.name == "optimizer.step"]
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    # the optimizer's own kernels: bitsandbytes' names contain "Optimizer"/"optimizer", torch's "adam"
+    opt_kernels = [e for e in kernels if any(k in e.key.lower() for k in ("optimizer", "adam"))]
+    return {
+        "steps": steps,
+        "host_ms_per_step": [round(x, 3) for x in host_ms],
+        "record_function_cpu_ms": [round(e.cpu_time_total / 1e3, 3) for e in events],
+        "optimizer_kernel_ms_per_step": round(sum(e.self_device_time_total for e in opt_kernels) / 1e3 / steps, 3),
+        "optimizer_kernels": [{"name": e.key[:120], "calls": e.count,
+                               "ms_per_step": round(e.self_device_time_total / 1e3 / steps, 3)}
+                              for e in sorted(opt_kernels, key=lambda e: -e.self_device_time_total)[:6]],
+    }
 
 
 def child(arm: str, cfg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
@@ -212,7 +254,7 @@ def verdicts(results: list[dict[str, Any]]) -> dict[str, Any]:
     by = {r["arm"]: r for r in results if "error" not in r}
     base = by.get("fused_adamw")
     out: dict[str, Any] = {}
-    for arm in ("adamw_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged"):
+    for arm in ("adamw_8bit", "hf_bnb_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged"):
         r = by.get(arm)
         if r is None or base is None:
             continue
@@ -245,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=540.0,
                     help="wall-clock budget for all arms (the GPU machine stops a command at 600 s)")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timed steps, profile 3 optimizer steps: host time vs kernel time")
     ap.add_argument("--_arm", help=argparse.SUPPRESS)
     ap.add_argument("--_cfg", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -264,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = dict(preset="tiny", dtype="float32", batch=2, seq=64, warmup=2, steps=4)
     else:
         cfg = dict(preset=a.preset, dtype=a.dtype, batch=a.batch, seq=a.seq, warmup=a.warmup, steps=a.steps)
-    cfg.update(device=device, lr=a.lr, torchao_site=a.torchao_site)
+    cfg.update(device=device, lr=a.lr, torchao_site=a.torchao_site, profile=a.profile)
     arms = [x for x in a.arms.split(",") if x]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:

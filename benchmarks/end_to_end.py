@@ -337,6 +337,9 @@ def main() -> None:
     ap.add_argument("--profile", default="", help="comma list of arms to profile for 3 steps after the timed ones")
     ap.add_argument("--profile-dir", default=None, help="profiler tables (and traces with --profile-trace) go here")
     ap.add_argument("--profile-trace", action="store_true", help="also write a chrome trace per profiled arm")
+    ap.add_argument("--memory-snapshot", default="",
+                    help="comma list of arms whose last timed step is recorded by the CUDA caching allocator: "
+                    "the live tensors at that step's peak, grouped by where they were allocated")
     ap.add_argument("--unsloth-pythonpath", default=os.pathsep.join(
         ["/tmp/site-unsloth", f"{ROOT}/.gpu/unsloth/src", f"{ROOT}/.gpu/site", "/tmp/site"]))
     ap.add_argument("--unsloth-site", default="/tmp/site-unsloth", help="where Unsloth's pinned wheels get installed")
@@ -423,7 +426,8 @@ def main() -> None:
                     "workload": workload(arm["workload"], a.smoke, a.long_tokens, steps),
                     "mem_cap_gib": a.long_mem_cap_gib if arm["workload"] == "long" else None,
                     "profile": n in profile, "profile_steps": 3, "profile_dir": a.profile_dir,
-                    "profile_trace": a.profile_trace}
+                    "profile_trace": a.profile_trace,
+                    "memory_snapshot": n in set(filter(None, a.memory_snapshot.split(",")))}
             pypath = a.unsloth_pythonpath if arm["kind"] == "unsloth" else None
             timeout = min(a.arm_timeout, hard - (time.time() - t0))
             rec.update(run_child(spec, timeout, pypath))

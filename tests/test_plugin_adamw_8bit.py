@@ -316,17 +316,29 @@ def test_cuda_bf16_step(tmp_path, tok, paged):
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_step_without_per_parameter_syncs_equals_bitsandbytes(device):
-    """Our non-paged step drops bitsandbytes' per-parameter device syncs: same updates, bit for bit."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_step_without_per_parameter_syncs_equals_bitsandbytes(device, dtype, request):
+    """Our non-paged step drops bitsandbytes' per-parameter device syncs and, on CUDA, its Python path
+    to the kernels (direct calls): same updates, bit for bit, with a learning rate changing per step."""
     torch.manual_seed(0)
     shapes = [(64, 128), (4096,), (128, 64), (32,)]  # 8-bit and (small) 32-bit state tensors
-    ours_params = [torch.randn(s, device=device, requires_grad=True) for s in shapes]
+    ours_params = [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in shapes]
     ref_params = [p.detach().clone().requires_grad_(True) for p in ours_params]
     cls = adamw_8bit.optimizer_classes()[False]
     ours = cls(ours_params, lr=1e-2, weight_decay=0.01, fp32_params=[ours_params[2]])
     ref = bnb.optim.AdamW8bit(ref_params, lr=1e-2, weight_decay=0.01)
+    # bitsandbytes' manager is a process-wide singleton keyed by id(param): start and end it clean, or an
+    # override left by another test (a recycled id) would reach one of these parameters
+    ref.mng.pid2config.clear()
+    ref.mng.index2config.clear()
+    request.addfinalizer(ref.mng.pid2config.clear)
     ref.mng.override_config(ref_params[2], "optim_bits", 32)
-    for _ in range(3):
+    generic_calls = []
+    generic = ours.update_step
+    ours.update_step = lambda *a: (generic_calls.append(a), generic(*a))
+    for step in range(3):
+        for opt in (ours, ref):
+            opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
         for a, b in zip(ours_params, ref_params):
             a.grad = torch.randn_like(a)
             b.grad = a.grad.clone()
@@ -334,5 +346,10 @@ def test_step_without_per_parameter_syncs_equals_bitsandbytes(device):
         ref.step()
     for a, b in zip(ours_params, ref_params):
         assert torch.equal(a, b)
+    for a, b in zip(ours_params, ref_params):
+        for key, value in ref.state[b].items():
+            assert torch.equal(torch.as_tensor(ours.state[a][key]), torch.as_tensor(value)), key
+    # on CUDA every update went through the direct kernel call; elsewhere through bitsandbytes' own
+    assert len(generic_calls) == (0 if device == "cuda" else 3 * len(shapes))
     assert ours.state[ours_params[0]]["state1"].dtype == torch.uint8
     assert ours.state[ours_params[2]]["state1"].dtype == torch.float32

@@ -158,6 +158,34 @@ def test_chunked_mlp_is_undone_and_refused_without_dense_mlp(tok):
         sft_plugins.compose([NAME], options={NAME: {"mlp_chunks": 2}}).prepare(model=model)
 
 
+def test_auto_mlp_chunks_tiles_only_when_memory_is_short():
+    from sft_plugins.plugins._offload import auto_mlp_chunks
+
+    gib = 1 << 30
+    assert auto_mlp_chunks(4 * gib, 100 * gib) == 1   # plenty: no extra MLP forward
+    assert auto_mlp_chunks(4 * gib, 8 * gib) == 1     # exactly half: still untiled
+    assert auto_mlp_chunks(5 * gib, 8 * gib) == 3     # each chunk's share <= a quarter of the headroom
+    assert auto_mlp_chunks(4 * gib, 2 * gib) == 8
+    assert auto_mlp_chunks(4 * gib, 0) == 32 and auto_mlp_chunks(400 * gib, gib) == 32
+
+
+def test_auto_mlp_chunks_is_the_default_and_untiled_off_cuda(tok, monkeypatch):
+    from sft_plugins.plugins import _offload
+
+    assert sc.DEFAULT_OPTIONS["mlp_chunks"] == "auto"
+    calls = []
+    monkeypatch.setattr(_offload._TiledMLP, "apply", lambda *a: calls.append(a))
+    _assert_same(_run(tok, steps=2), _run(tok, {"offload": "always"}, steps=2))
+    assert calls == []  # CPU tensors: "auto" never tiles
+    with pytest.raises(PluginError, match="mlp_chunks.*or auto"):
+        sft_plugins.compose([NAME], options={NAME: {"mlp_chunks": "fast"}}).prepare(model=_model(tok, layers=2))
+    model = _model(tok, layers=2)
+    model.model.layers[1].mlp = torch.nn.Identity()  # no dense MLP: "auto" leaves it alone, no refusal
+    with sft_plugins.compose([NAME]) as stack:
+        stack.prepare(model=model)
+        assert "forward" in model.model.layers[0].mlp.__dict__
+
+
 def test_no_cuda_says_so_once(tok, monkeypatch):
     if CUDA:
         pytest.skip("only meaningful without CUDA")
@@ -521,3 +549,17 @@ def test_gpu_sfttrainer_bf16_lora_runs(tok):
         stats = sc.stats(trainer.model)
     assert stats["calls"] == 40 and stats["offloaded_fraction"] == pytest.approx(3 / 4)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.state.log_history if "loss" in h)
+
+
+@needs_cuda
+def test_gpu_auto_mlp_chunks_tiles_when_memory_is_short_and_stays_exact(tok, monkeypatch):
+    from sft_plugins.plugins import _offload
+
+    assert _offload.auto_mlp_chunks(1, _offload.cuda_headroom(torch.device("cuda"))) == 1  # an idle H200
+    tiled = []
+    apply = _offload._TiledMLP.apply
+    monkeypatch.setattr(_offload, "cuda_headroom", lambda device: 0)  # as if the GPU were full: tile
+    monkeypatch.setattr(_offload._TiledMLP, "apply", lambda *a: (tiled.append(a[1]), apply(*a))[1])
+    monkeypatch.setattr(_offload, "_MAX_AUTO_CHUNKS", 4)
+    _assert_same(_run(tok, layers=3, steps=4, device="cuda"), _run(tok, {}, layers=3, steps=4, device="cuda"))
+    assert tiled and set(tiled) == {4}

@@ -451,18 +451,59 @@ class _TiledMLP(torch.autograd.Function):
         return (None, None, x_grad, *[next(it) if need else None for need in ctx.needs_input_grad[3:]])
 
 
-def make_tiled_forward(mlp: torch.nn.Module, chunks: int) -> Callable[..., Any]:
+# An untiled MLP's recompute + backward holds about this many [tokens, intermediate] tensors at its peak:
+# gate, up, act(gate) and their product saved, then the product's, act's and up's gradients.
+_MLP_WORKING_SET = 7
+_MAX_AUTO_CHUNKS = 32
+
+
+def auto_mlp_chunks(need_bytes: int, headroom_bytes: int) -> int:
+    """How many chunks ``mlp_chunks="auto"`` uses: none (1) while the MLP's working set takes at most half
+    the memory still allowed, else enough that one chunk's share stays within a quarter of it."""
+    if need_bytes <= headroom_bytes // 2:
+        return 1
+    if headroom_bytes <= 0:
+        return _MAX_AUTO_CHUNKS
+    return min(_MAX_AUTO_CHUNKS, max(2, -(-4 * need_bytes // headroom_bytes)))
+
+
+def cuda_headroom(device: torch.device) -> int:
+    """Bytes this process may still allocate on ``device``: the device's free memory plus the cache, and
+    within ``torch.cuda.set_per_process_memory_fraction``'s cap when one is set. No device sync."""
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d: 1.0)(device)
+    return int(min(free + torch.cuda.memory_reserved(device) - allocated, total * fraction - allocated))
+
+
+def _mlp_width(mlp: torch.nn.Module) -> int:
+    width = getattr(mlp, "intermediate_size", None)
+    if isinstance(width, int):
+        return width
+    return max((m.out_features for m in mlp.modules() if isinstance(m, torch.nn.Linear)), default=0)
+
+
+def make_tiled_forward(mlp: torch.nn.Module, chunks: int | str) -> Callable[..., Any]:
     """An instance ``forward`` for a token-wise MLP that runs it through :class:`_TiledMLP` when a graph
-    is being built (the recompute), and as is otherwise."""
+    is being built (the recompute), and as is otherwise. ``chunks="auto"`` tiles only a CUDA recompute
+    whose MLP working set would not fit comfortably in the memory still allowed (so it costs nothing
+    while memory is plentiful, and buys the longest contexts when it is not)."""
     inner = mlp.__dict__.get("forward") or functools.partial(type(mlp).forward, mlp)
+    width = _mlp_width(mlp)
 
     def tiled_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-2] < 2 * chunks:
+        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2:
             return inner(x, *args, **kwargs)
+        n = chunks
+        if n == "auto":
+            if not x.is_cuda or not width:
+                return inner(x)
+            elem = 2 if torch.is_autocast_enabled("cuda") else x.element_size()
+            n = auto_mlp_chunks(x[..., 0].numel() * width * elem * _MLP_WORKING_SET, cuda_headroom(x.device))
         params = [p for p in mlp.parameters() if p.requires_grad]
-        if not x.requires_grad and not params:
+        if n < 2 or x.shape[-2] < 2 * n or not (x.requires_grad or params):
             return inner(x)
-        return _TiledMLP.apply(inner, chunks, x, *params)
+        return _TiledMLP.apply(inner, n, x, *params)
 
     return tiled_forward
 

@@ -184,13 +184,15 @@ def optimizer_classes() -> dict[bool, type]:
                         self.check_overrides()
                         self.to_gpu()
                         self.initialized = True
+                    kernels = _cuda_adam_kernels() if self.optimizer_name == "adam" else None
                     for gindex, group in enumerate(self.param_groups):
                         for pindex, p in enumerate(group["params"]):
                             if p.grad is None:
                                 continue
                             if len(self.state[p]) == 0:
                                 self.init_state(group, p, gindex, pindex)
-                            self.update_step(group, p, gindex, pindex)
+                            if kernels is None or not _launch_adam(kernels, self, group, p, gindex, pindex):
+                                self.update_step(group, p, gindex, pindex)
                     return loss
 
         Cls.__name__ = Cls.__qualname__ = base.__name__ + "FP32Embeddings"
@@ -198,6 +200,71 @@ def optimizer_classes() -> dict[bool, type]:
         return Cls
 
     return {False: make(bnb.optim.AdamW8bit, False), True: make(bnb.optim.PagedAdamW8bit, True)}
+
+
+@functools.cache
+def _cuda_adam_kernels() -> dict[str, Any] | None:
+    """bitsandbytes' compiled Adam kernels ``{"8bit": (fp32, fp16, bf16), "32bit": (...)}``, or None
+    when the CUDA library is not loaded (CPU builds, other backends): then bitsandbytes' own path runs."""
+    try:
+        import ctypes
+
+        from bitsandbytes.backends.cuda import ops
+
+        return {"8bit": tuple(ops.str2optimizer8bit_blockwise["adam"]),
+                "32bit": tuple(ops.str2optimizer32bit["adam"]), "ctypes": ctypes}
+    except Exception:  # noqa: BLE001 - any import or lookup failure means "use the generic path"
+        return None
+
+
+def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int) -> bool:
+    """One parameter's Adam update through bitsandbytes' compiled kernel, called directly.
+
+    bitsandbytes' ``update_step`` reaches the same kernel through ~100 us of Python per parameter
+    (re-assigning ``.data``/``.grad``, a config dict, an ``is_on_gpu`` scan, the torch.library dispatch,
+    ctypes argument boxing); with ~150 parameters that host time, not the kernels, set the step time.
+    Same kernel, same arguments, same order: bit-identical results. Returns False (caller falls back to
+    ``update_step``) for anything but the plain case: CPU or non-current-device tensors, non-contiguous
+    tensors, an update-norm clip, AdEMAMix-style extra betas, or a dtype without a kernel.
+    """
+    grad, state = p.grad, opt.state[p]
+    if not (p.is_cuda and p.is_contiguous() and grad.is_contiguous()) or p.device.index != _current_device():
+        return False
+    config = opt.get_config(gindex, pindex, group)
+    betas = config["betas"]
+    if config["max_unorm"] > 0.0 or len(betas) > 2 or config.get("alpha", 0.0):
+        return False
+    dtype_index = {"torch.float32": 0, "torch.float16": 1, "torch.bfloat16": 2}.get(str(grad.dtype))
+    state1 = state["state1"]
+    bits = "8bit" if state1.dtype.itemsize == 1 else "32bit"
+    if dtype_index is None or dtype_index >= len(kernels[bits]):
+        return False
+    ct = kernels["ctypes"]
+    state["step"] += 1
+
+    def ptr(t: Any) -> Any:
+        return None if t is None else ct.c_void_p(t.data_ptr())
+
+    f32 = ct.c_float
+    common = (f32(betas[0]), f32(betas[1]), f32(0.0), f32(0.0), f32(config["eps"]))
+    if bits == "8bit":
+        kernels[bits][dtype_index](
+            ptr(p), ptr(grad), ptr(state1), ptr(state["state2"]), *common, ct.c_int32(state["step"]),
+            f32(config["lr"]), ptr(state["qmap1"]), ptr(state["qmap2"]), ptr(state["absmax1"]),
+            ptr(state["absmax2"]), f32(config["weight_decay"]), f32(1.0), ct.c_bool(config["skip_zeros"]),
+            ct.c_int32(grad.numel()))
+    else:
+        kernels[bits][dtype_index](
+            ptr(grad), ptr(p), ptr(state1), ptr(state["state2"]), None, f32(0.0), f32(0.0), *common,
+            f32(config["weight_decay"]), ct.c_int32(state["step"]), f32(config["lr"]), f32(1.0),
+            ct.c_bool(config["skip_zeros"]), ct.c_int32(grad.numel()))
+    return True
+
+
+def _current_device() -> int:
+    import torch
+
+    return torch.cuda.current_device()
 
 
 def find_optimizer(optimizer: Any) -> Any:

@@ -42,8 +42,9 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "prefetch": 1,               # how many layers ahead backward copies inputs back (0: on demand, leanest)
     "preserve_rng_state": True,  # replay dropout exactly in the recompute (as torch's checkpoint does)
     "every_n_layers": 1,         # checkpoint one layer in n (HF's every_n_layers)
-    "mlp_chunks": 0,             # >0: in the recompute, run each layer's MLP in this many sequence chunks, each
-                                 # recomputed in backward (less GPU memory, one more MLP forward per layer)
+    "mlp_chunks": "auto",        # >0: in the recompute, run each layer's MLP in this many sequence chunks, each
+                                 # recomputed in backward (less GPU memory, one more MLP forward per layer);
+                                 # "auto": only when GPU memory is short for the MLP (CUDA); 0: never
 }
 _OFFLOAD_MODES = {"auto", "never", "always"}
 # HF/TRL gradient_checkpointing_kwargs we can honour: use_reentrant (ours has its own, exact, mechanics),
@@ -80,8 +81,11 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
         if not _number_ok(opts[key], allow_none=True):
             errors.append(f"option {key!r} must be a number of GiB >= 0 or None, got {opts[key]!r}")
     for key, low in (("keep_last_on_gpu", 0), ("prefetch", 0), ("every_n_layers", 1), ("mlp_chunks", 0)):
+        if key == "mlp_chunks" and opts[key] == "auto":
+            continue
         if not _number_ok(opts[key], integer=True, minimum=low):
-            errors.append(f"option {key!r} must be an integer >= {low}, got {opts[key]!r}")
+            errors.append(f"option {key!r} must be an integer >= {low}{' or auto' if key == 'mlp_chunks' else ''}, "
+                          f"got {opts[key]!r}")
     if not isinstance(opts["preserve_rng_state"], bool):
         errors.append(f"option 'preserve_rng_state' must be true or false, got {opts['preserve_rng_state']!r}")
     return errors
@@ -168,7 +172,8 @@ def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str
     if custom:
         return [f"the model's layers already carry a custom checkpointing function ({sorted(custom)}): another "
                 f"plugin or library patched checkpointing; undo it first or drop {NAME}"]
-    if _options(options)["mlp_chunks"] and any(_mlp_of(layer) is None for layer in layers):
+    chunks = _options(options)["mlp_chunks"]
+    if chunks != "auto" and chunks and any(_mlp_of(layer) is None for layer in layers):
         return [f"option mlp_chunks needs a dense MLP at layer.mlp in every layer (token-wise, e.g. LlamaMLP); "
                 f"{type(layers[0]).__name__} has {type(getattr(layers[0], 'mlp', None)).__name__}: set mlp_chunks=0"]
     return []
