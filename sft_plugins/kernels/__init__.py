@@ -1,4 +1,5 @@
-"""Fused linear + cross-entropy head (Triton on CUDA, Triton interpreter or torch on CPU).
+"""Fused linear + cross-entropy head (Triton on CUDA, Triton interpreter or torch on CPU); the 8-bit
+blockwise AdamW step used by the adamw_8bit plugin on CUDA.
 
 Imports only torch (and, lazily, triton); no transformers.
 """
@@ -9,7 +10,18 @@ import torch
 
 from ._function import CEStats, _apply
 
-__all__ = ["CEStats", "fused_linear_cross_entropy", "fused_linear_cross_entropy_stats"]
+__all__ = ["CEStats", "adam8bit_blockwise_step_", "fused_linear_cross_entropy", "fused_linear_cross_entropy_stats"]
+
+
+def adam8bit_blockwise_step_(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    """One AdamW step on bitsandbytes-format 8-bit blockwise state, in place (Triton).
+
+    See :func:`sft_plugins.kernels._triton_adam8bit.adam8bit_blockwise_step_` for the arguments; imported
+    lazily so that the cross-entropy path does not pay for compiling it.
+    """
+    from ._triton_adam8bit import adam8bit_blockwise_step_ as step
+
+    step(*args, **kwargs)
 
 
 def fused_linear_cross_entropy(

@@ -470,6 +470,8 @@ def auto_mlp_chunks(need_bytes: int, headroom_bytes: int) -> int:
 def cuda_headroom(device: torch.device) -> int:
     """Bytes this process may still allocate on ``device``: the device's free memory plus the cache, and
     within ``torch.cuda.set_per_process_memory_fraction``'s cap when one is set. No device sync."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _d: 1.0)(device)

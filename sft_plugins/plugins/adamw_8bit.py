@@ -34,7 +34,10 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "paged": False,           # PagedAdamW8bit: state in CUDA unified memory, evicted to host under pressure
     "fp32_embeddings": True,  # 32-bit state for nn.Embedding and lm_head parameters, as HF does
     "min_8bit_size": 4096,    # bitsandbytes' default: smaller tensors keep 32-bit state
+    "kernel": "triton",       # 8-bit updates on CUDA: "triton" (ours, same state format, ~4x faster on an
+                              # H200) or "bitsandbytes" (its compiled kernel); CPU always uses bitsandbytes
 }
+_KERNELS = ("triton", "bitsandbytes")
 # args.optim values the plugin may stand in for: the AdamW defaults (transformers picks
 # adamw_torch_fused on torch >= 2.8, adamw_torch before) and HF's own bitsandbytes 8-bit AdamW names,
 # which ask for exactly what this plugin supplies. Anything else would be silently ignored by Trainer
@@ -56,6 +59,8 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
     for key in ("paged", "fp32_embeddings"):
         if not isinstance(opts[key], bool):
             errors.append(f"option {key!r} must be true or false, got {opts[key]!r}")
+    if opts["kernel"] not in _KERNELS:
+        errors.append(f"option 'kernel' must be one of {list(_KERNELS)}, got {opts['kernel']!r}")
     size = opts["min_8bit_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         errors.append(f"option 'min_8bit_size' must be a positive integer, got {size!r}")
@@ -152,8 +157,10 @@ def optimizer_classes() -> dict[bool, type]:
 
     def make(base: type, paged: bool) -> type:
         class Cls(base):  # type: ignore[misc, valid-type]
-            def __init__(self, params: Any, *, fp32_params: Iterable[Any] = (), **kwargs: Any) -> None:
+            def __init__(self, params: Any, *, fp32_params: Iterable[Any] = (), kernel: str = "triton",
+                         **kwargs: Any) -> None:
                 super().__init__(params, **kwargs)
+                self.kernel = kernel
                 self.fp32_param_ids: set[int] = set()
                 self.add_fp32_params(fp32_params)
 
@@ -184,7 +191,7 @@ def optimizer_classes() -> dict[bool, type]:
                         self.check_overrides()
                         self.to_gpu()
                         self.initialized = True
-                    kernels = _cuda_adam_kernels() if self.optimizer_name == "adam" else None
+                    kernels = _cuda_adam_kernels(self.kernel) if self.optimizer_name == "adam" else None
                     for gindex, group in enumerate(self.param_groups):
                         for pindex, p in enumerate(group["params"]):
                             if p.grad is None:
@@ -203,18 +210,27 @@ def optimizer_classes() -> dict[bool, type]:
 
 
 @functools.cache
-def _cuda_adam_kernels() -> dict[str, Any] | None:
-    """bitsandbytes' compiled Adam kernels ``{"8bit": (fp32, fp16, bf16), "32bit": (...)}``, or None
-    when the CUDA library is not loaded (CPU builds, other backends): then bitsandbytes' own path runs."""
+def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
+    """bitsandbytes' compiled Adam kernels ``{"8bit": (fp32, fp16, bf16), "32bit": (...)}`` (and, for
+    ``kernel="triton"``, our 8-bit step as ``"triton"``), or None when bitsandbytes' CUDA library is not
+    loaded (CPU builds, other backends): then bitsandbytes' own path runs."""
     try:
         import ctypes
 
         from bitsandbytes.backends.cuda import ops
 
-        return {"8bit": tuple(ops.str2optimizer8bit_blockwise["adam"]),
-                "32bit": tuple(ops.str2optimizer32bit["adam"]), "ctypes": ctypes}
+        found = {"8bit": tuple(ops.str2optimizer8bit_blockwise["adam"]),
+                 "32bit": tuple(ops.str2optimizer32bit["adam"]), "ctypes": ctypes, "triton": None}
     except Exception:  # noqa: BLE001 - any import or lookup failure means "use the generic path"
         return None
+    if kernel == "triton":
+        try:
+            from ..kernels import _triton_adam8bit
+
+            found["triton"] = _triton_adam8bit.adam8bit_blockwise_step_
+        except Exception:  # noqa: BLE001 - no usable Triton: bitsandbytes' kernel does the 8-bit updates
+            found["triton"] = None
+    return found
 
 
 def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int) -> bool:
@@ -223,7 +239,9 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
     bitsandbytes' ``update_step`` reaches the same kernel through ~100 us of Python per parameter
     (re-assigning ``.data``/``.grad``, a config dict, an ``is_on_gpu`` scan, the torch.library dispatch,
     ctypes argument boxing); with ~150 parameters that host time, not the kernels, set the step time.
-    Same kernel, same arguments, same order: bit-identical results. Returns False (caller falls back to
+    Same kernel, same arguments, same order: bit-identical results. With ``kernel="triton"`` the 8-bit
+    updates go to our Triton kernel instead (same state format and arithmetic, to rounding; bitsandbytes'
+    kernel streams at a fraction of the bandwidth). Returns False (caller falls back to
     ``update_step``) for anything but the plain case: CPU or non-current-device tensors, non-contiguous
     tensors, an update-norm clip, AdEMAMix-style extra betas, or a dtype without a kernel.
     """
@@ -247,7 +265,11 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
 
     f32 = ct.c_float
     common = (f32(betas[0]), f32(betas[1]), f32(0.0), f32(0.0), f32(config["eps"]))
-    if bits == "8bit":
+    if bits == "8bit" and kernels["triton"] is not None:
+        kernels["triton"](p, grad, state1, state["state2"], state["qmap1"], state["qmap2"], state["absmax1"],
+                          state["absmax2"], beta1=betas[0], beta2=betas[1], eps=config["eps"], step=state["step"],
+                          lr=config["lr"], weight_decay=config["weight_decay"])
+    elif bits == "8bit":
         kernels[bits][dtype_index](
             ptr(p), ptr(grad), ptr(state1), ptr(state["state2"]), *common, ct.c_int32(state["step"]),
             f32(config["lr"]), ptr(state["qmap1"]), ptr(state["qmap2"]), ptr(state["absmax1"]),
@@ -355,6 +377,7 @@ def sft_optimizer_cls_and_kwargs(model: Any, args: Any, options: dict[str, Any])
         "weight_decay": args.weight_decay,
         "min_8bit_size": int(opts["min_8bit_size"]),
         "fp32_params": embedding_parameters(model) if opts["fp32_embeddings"] else [],
+        "kernel": opts["kernel"],
     }
     return cls, kwargs
 

@@ -1,0 +1,166 @@
+"""Triton kernel: one AdamW step on a tensor whose two moments are kept in bitsandbytes' 8-bit blockwise
+format (uint8 codes into a 256-entry dynamic map, one fp32 absmax per 256 values).
+
+Same state layout and the same arithmetic as bitsandbytes' ``kOptimizerStatic8bit2StateBlockwise``
+(Adam branch): dequantise, update both moments in fp32, new absmax per block, parameter update with
+bias corrections folded into one step size, decoupled weight decay applied after it, requantise to the
+nearest code (bitsandbytes' midpoint rule) with the first moment's sign preserved. A state written by
+either kernel can be stepped by the other, so checkpoints stay interchangeable.
+
+Why our own: on an H200 bitsandbytes' kernel streams ~10 bytes per parameter at ~0.35 TB/s (28 ms for a
+1B model's matrices, vs 6 ms for torch's fused fp32 AdamW over all 12 bytes). Its binary search runs on
+one value per thread between block-wide shared-memory barriers; here each program holds several 256-value
+blocks as a 2-D tile and the code search is 8 vectorised gathers from the 1 KiB map (L1-resident).
+
+Works under ``TRITON_INTERPRET=1`` on CPU tensors (loads, gathers, reductions; no libdevice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+QUANT_BLOCK = 256  # bitsandbytes' blockwise optimizer block: one absmax per 256 values
+_BLOCKS_PER_PROGRAM = 8
+
+
+@triton.jit
+def _nearest_code(x, qmap_ptr):
+    """Index of the map value nearest to ``x`` (map sorted ascending, 256 entries; ties go up past the
+    midpoint as bitsandbytes' quantize_2D does)."""
+    idx = tl.zeros(x.shape, dtype=tl.int32)
+    for shift in tl.static_range(7, -1, -1):  # 128, 64, ..., 1: largest idx with map[idx] <= x
+        cand = idx + (1 << shift)
+        v = tl.load(qmap_ptr + cand)
+        idx = tl.where(v <= x, cand, idx)
+    lo = tl.load(qmap_ptr + idx)
+    up_idx = tl.minimum(idx + 1, 255)
+    hi = tl.load(qmap_ptr + up_idx)
+    return tl.where(x > (lo + hi) * 0.5, up_idx, idx)
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr):
+    """fp32 -> ``dtype`` rounded to nearest even. For bf16 the rounding is done on the bits first: the
+    Triton interpreter truncates in its bf16 cast (the GPU rounds), and the tests run the interpreter."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _adam8bit_blockwise_kernel(
+    p_ptr, g_ptr, s1_ptr, s2_ptr, qmap1_ptr, qmap2_ptr, absmax1_ptr, absmax2_ptr,
+    n, beta1, beta2, eps_c, step_size, decay,
+    APPLY_DECAY: tl.constexpr, BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    blk = pid * BLOCKS + tl.arange(0, BLOCKS)  # [BLOCKS] quantisation blocks of this program
+    offs = blk[:, None].to(tl.int64) * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    mask = offs < n
+    bmask = blk.to(tl.int64) * QBLOCK < n
+
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    c1 = tl.load(s1_ptr + offs, mask=mask, other=128).to(tl.int32)
+    c2 = tl.load(s2_ptr + offs, mask=mask, other=0).to(tl.int32)
+    a1 = tl.load(absmax1_ptr + blk, mask=bmask, other=0.0)
+    a2 = tl.load(absmax2_ptr + blk, mask=bmask, other=0.0)
+    finite = (g == g) & (tl.abs(g) < float("inf"))
+
+    s1 = tl.load(qmap1_ptr + c1) * a1[:, None]
+    s2 = tl.load(qmap2_ptr + c2) * a2[:, None]
+    s1 = tl.where(finite & mask, s1 * beta1 + (1.0 - beta1) * g, 0.0)
+    s2 = tl.where(finite & mask, s2 * beta2 + (1.0 - beta2) * g * g, 0.0)
+    new_a1 = tl.max(tl.abs(s1), axis=1)
+    new_a2 = tl.max(tl.abs(s2), axis=1)
+    tl.store(absmax1_ptr + blk, new_a1, mask=bmask)
+    tl.store(absmax2_ptr + blk, new_a2, mask=bmask)
+
+    p_raw = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    p = p_raw.to(tl.float32) + step_size * (s1 / (tl.sqrt(s2) + eps_c))
+    if APPLY_DECAY:  # after the update, on the value rounded to the parameter's dtype (as bitsandbytes)
+        p = _round_to(p, p_raw.dtype).to(tl.float32) * decay
+    tl.store(p_ptr + offs, _round_to(p, p_raw.dtype), mask=mask & finite)
+
+    x1 = s1 / tl.where(new_a1 > 0, new_a1, 1.0)[:, None]  # an all-zero block stays 0
+    x2 = s2 / tl.where(new_a2 > 0, new_a2, 1.0)[:, None]
+    q1 = _nearest_code(x1, qmap1_ptr)
+    q2 = _nearest_code(x2, qmap2_ptr)
+    # keep the first moment's sign: a small negative value must not become a positive code
+    flipped = (tl.load(qmap1_ptr + q1) < 0) != (s1 < 0)
+    q1 = tl.where(flipped, tl.where(s1 > 0, q1 + 1, q1 - 1), q1)
+    tl.store(s1_ptr + offs, q1.to(tl.uint8), mask=mask)
+    tl.store(s2_ptr + offs, q2.to(tl.uint8), mask=mask)
+
+
+def adam8bit_blockwise_step_(
+    param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+    qmap1: torch.Tensor, qmap2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
+    beta1: float, beta2: float, eps: float, step: int, lr: float, weight_decay: float,
+) -> None:
+    """In place: ``param``, the uint8 ``state1``/``state2`` and the fp32 ``absmax1``/``absmax2``.
+
+    ``step`` is the 1-based step count after this update (bias correction). ``qmap1``/``qmap2`` are
+    the sorted 256-entry fp32 maps (signed / unsigned). All tensors contiguous, on one device.
+    """
+    n = param.numel()
+    if n == 0:
+        return
+    correction1 = 1.0 - beta1 ** step
+    correction2 = math.sqrt(1.0 - beta2 ** step)
+    blocks = triton.cdiv(n, QUANT_BLOCK)
+    grid = (triton.cdiv(blocks, _BLOCKS_PER_PROGRAM),)
+    _adam8bit_blockwise_kernel[grid](
+        param, grad, state1, state2, qmap1, qmap2, absmax1, absmax2,
+        n, beta1, beta2, correction2 * eps, -lr * correction2 / correction1, 1.0 - lr * weight_decay,
+        APPLY_DECAY=weight_decay > 0.0, BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QUANT_BLOCK,
+        num_warps=8,
+    )
+
+
+def adam8bit_blockwise_step_reference_(
+    param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+    qmap1: torch.Tensor, qmap2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
+    beta1: float, beta2: float, eps: float, step: int, lr: float, weight_decay: float,
+) -> None:
+    """The same step in plain torch (tests): what the kernel must compute."""
+    n = param.numel()
+    pad = (-n) % QUANT_BLOCK
+    g = torch.nn.functional.pad(grad.reshape(-1).float(), (0, pad)).view(-1, QUANT_BLOCK)
+    valid = torch.nn.functional.pad(torch.ones(n, dtype=torch.bool, device=param.device), (0, pad))
+    valid = valid.view(-1, QUANT_BLOCK)
+    finite = torch.isfinite(g) & valid
+    c1 = torch.nn.functional.pad(state1.reshape(-1).long(), (0, pad), value=128).view(-1, QUANT_BLOCK)
+    c2 = torch.nn.functional.pad(state2.reshape(-1).long(), (0, pad)).view(-1, QUANT_BLOCK)
+    s1 = torch.where(finite, qmap1[c1] * absmax1[:, None] * beta1 + (1 - beta1) * g, 0.0)
+    s2 = torch.where(finite, qmap2[c2] * absmax2[:, None] * beta2 + (1 - beta2) * g * g, 0.0)
+    a1, a2 = s1.abs().amax(1), s2.abs().amax(1)
+    correction1 = 1.0 - beta1 ** step
+    correction2 = math.sqrt(1.0 - beta2 ** step)
+    flat_p = param.view(-1)
+    p = torch.nn.functional.pad(flat_p.float(), (0, pad)).view(-1, QUANT_BLOCK)
+    p = p + (-lr * correction2 / correction1) * (s1 / (s2.sqrt() + correction2 * eps))
+    if weight_decay > 0.0:
+        p = p.to(param.dtype).float() * (1.0 - lr * weight_decay)
+    keep = finite.view(-1)[:n]
+    flat_p.copy_(torch.where(keep, p.view(-1)[:n].to(param.dtype), flat_p))
+
+    def nearest(x: torch.Tensor, qmap: torch.Tensor) -> torch.Tensor:
+        idx = (torch.searchsorted(qmap, x.contiguous(), right=True) - 1).clamp(0, 255)
+        up = (idx + 1).clamp(max=255)
+        return torch.where(x > (qmap[idx] + qmap[up]) * 0.5, up, idx)
+
+    x1 = torch.where(a1[:, None] > 0, s1 / a1[:, None], 0.0)
+    x2 = torch.where(a2[:, None] > 0, s2 / a2[:, None], 0.0)
+    q1, q2 = nearest(x1, qmap1), nearest(x2, qmap2)
+    flipped = (qmap1[q1] < 0) != (s1 < 0)
+    q1 = torch.where(flipped, torch.where(s1 > 0, q1 + 1, q1 - 1), q1)
+    state1.view(-1).copy_(q1.view(-1)[:n].to(torch.uint8))
+    state2.view(-1).copy_(q2.view(-1)[:n].to(torch.uint8))
+    absmax1.copy_(a1)
+    absmax2.copy_(a2)
