@@ -333,6 +333,7 @@ def main() -> int:
     ap.add_argument("--cap-only", action="store_true", help="only the max-sequence probes under the cap")
     ap.add_argument("--no-cap", action="store_true", help="skip the max-sequence probes")
     ap.add_argument("--cap-arms", default=None, help="comma-separated arms to probe under the cap, in order")
+    ap.add_argument("--arms", default=None, help="comma-separated arms to time (default: each model's plan)")
     ap.add_argument("--merge", default=None, help="start from this earlier JSON (timing rows and cap results "
                     "kept; rows measured again replace them), so one table can come from several runs")
     args = ap.parse_args()
@@ -344,6 +345,9 @@ def main() -> int:
     cfg = plan(args.smoke)
     if args.models:
         cfg["models"] = [m for m in cfg["models"] if m["preset"] in args.models.split(",")]
+    if args.arms:
+        for m in cfg["models"]:
+            m["arms"] = [a for a in m["arms"] if a in args.arms.split(",")]
     if args.cap_arms and cfg["cap"]:
         cfg["cap"]["arms"] = args.cap_arms.split(",")
     if args.no_cap:
