@@ -18,6 +18,7 @@ Works under ``TRITON_INTERPRET=1`` on CPU tensors (loads, gathers, reductions; n
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import triton
@@ -56,7 +57,7 @@ def _round_to(x, dtype: tl.constexpr):
 @triton.jit
 def _adam8bit_blockwise_kernel(
     p_ptr, g_ptr, s1_ptr, s2_ptr, qmap1_ptr, qmap2_ptr, absmax1_ptr, absmax2_ptr,
-    n, beta1, beta2, eps_c, step_size, decay,
+    n, beta1, beta2, one_minus_beta1, one_minus_beta2, eps_c, step_size, decay,
     APPLY_DECAY: tl.constexpr, BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -74,8 +75,8 @@ def _adam8bit_blockwise_kernel(
 
     s1 = tl.load(qmap1_ptr + c1) * a1[:, None]
     s2 = tl.load(qmap2_ptr + c2) * a2[:, None]
-    s1 = tl.where(finite & mask, s1 * beta1 + (1.0 - beta1) * g, 0.0)
-    s2 = tl.where(finite & mask, s2 * beta2 + (1.0 - beta2) * g * g, 0.0)
+    s1 = tl.where(finite & mask, s1 * beta1 + one_minus_beta1 * g, 0.0)
+    s2 = tl.where(finite & mask, s2 * beta2 + one_minus_beta2 * g * g, 0.0)
     new_a1 = tl.max(tl.abs(s1), axis=1)
     new_a2 = tl.max(tl.abs(s2), axis=1)
     tl.store(absmax1_ptr + blk, new_a1, mask=bmask)
@@ -98,6 +99,26 @@ def _adam8bit_blockwise_kernel(
     tl.store(s2_ptr + offs, q2.to(tl.uint8), mask=mask)
 
 
+def _f32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def step_constants(*, beta1: float, beta2: float, eps: float, step: int, lr: float,
+                   weight_decay: float) -> dict[str, float]:
+    """The step's scalars rounded to fp32 the way bitsandbytes' kernel computes them on the device.
+
+    It matters: ``1 - beta2`` in fp32 is 0.0010000467 for beta2=0.999 (4.7e-5 off the exact 0.001), and
+    ``sqrt(1 - beta2**step)`` inherits that; computed in double instead, every second moment and every
+    step size would differ from bitsandbytes' by that much. Pure Python (struct), no device work.
+    """
+    b1, b2 = _f32(beta1), _f32(beta2)
+    correction1 = _f32(1.0 - _f32(b1 ** step))
+    correction2 = _f32(math.sqrt(_f32(1.0 - _f32(b2 ** step))))
+    return dict(beta1=b1, beta2=b2, one_minus_beta1=_f32(1.0 - b1), one_minus_beta2=_f32(1.0 - b2),
+                eps_c=_f32(correction2 * _f32(eps)), step_size=_f32(_f32(-_f32(lr) * correction2) / correction1),
+                decay=_f32(1.0 - _f32(_f32(lr) * _f32(weight_decay))))
+
+
 def adam8bit_blockwise_step_(
     param: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
     qmap1: torch.Tensor, qmap2: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor, *,
@@ -111,13 +132,12 @@ def adam8bit_blockwise_step_(
     n = param.numel()
     if n == 0:
         return
-    correction1 = 1.0 - beta1 ** step
-    correction2 = math.sqrt(1.0 - beta2 ** step)
+    c = step_constants(beta1=beta1, beta2=beta2, eps=eps, step=step, lr=lr, weight_decay=weight_decay)
     blocks = triton.cdiv(n, QUANT_BLOCK)
     grid = (triton.cdiv(blocks, _BLOCKS_PER_PROGRAM),)
     _adam8bit_blockwise_kernel[grid](
         param, grad, state1, state2, qmap1, qmap2, absmax1, absmax2,
-        n, beta1, beta2, correction2 * eps, -lr * correction2 / correction1, 1.0 - lr * weight_decay,
+        n, c["beta1"], c["beta2"], c["one_minus_beta1"], c["one_minus_beta2"], c["eps_c"], c["step_size"], c["decay"],
         APPLY_DECAY=weight_decay > 0.0, BLOCKS=_BLOCKS_PER_PROGRAM, QBLOCK=QUANT_BLOCK,
         num_warps=8,
     )
@@ -137,16 +157,15 @@ def adam8bit_blockwise_step_reference_(
     finite = torch.isfinite(g) & valid
     c1 = torch.nn.functional.pad(state1.reshape(-1).long(), (0, pad), value=128).view(-1, QUANT_BLOCK)
     c2 = torch.nn.functional.pad(state2.reshape(-1).long(), (0, pad)).view(-1, QUANT_BLOCK)
-    s1 = torch.where(finite, qmap1[c1] * absmax1[:, None] * beta1 + (1 - beta1) * g, 0.0)
-    s2 = torch.where(finite, qmap2[c2] * absmax2[:, None] * beta2 + (1 - beta2) * g * g, 0.0)
+    c = step_constants(beta1=beta1, beta2=beta2, eps=eps, step=step, lr=lr, weight_decay=weight_decay)
+    s1 = torch.where(finite, qmap1[c1] * absmax1[:, None] * c["beta1"] + c["one_minus_beta1"] * g, 0.0)
+    s2 = torch.where(finite, qmap2[c2] * absmax2[:, None] * c["beta2"] + c["one_minus_beta2"] * g * g, 0.0)
     a1, a2 = s1.abs().amax(1), s2.abs().amax(1)
-    correction1 = 1.0 - beta1 ** step
-    correction2 = math.sqrt(1.0 - beta2 ** step)
     flat_p = param.view(-1)
     p = torch.nn.functional.pad(flat_p.float(), (0, pad)).view(-1, QUANT_BLOCK)
-    p = p + (-lr * correction2 / correction1) * (s1 / (s2.sqrt() + correction2 * eps))
+    p = p + c["step_size"] * (s1 / (s2.sqrt() + c["eps_c"]))
     if weight_decay > 0.0:
-        p = p.to(param.dtype).float() * (1.0 - lr * weight_decay)
+        p = p.to(param.dtype).float() * c["decay"]
     keep = finite.view(-1)[:n]
     flat_p.copy_(torch.where(keep, p.view(-1)[:n].to(param.dtype), flat_p))
 
