@@ -62,7 +62,7 @@ def test_kernel_matches_reference(n, dtype, weight_decay):
             assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3, key
         # parameters: fp32 to rounding; bf16 within one unit in the last place
         torch.testing.assert_close(ours["param"], ref["param"], rtol=2e-6 if dtype == torch.float32 else 2**-7,
-                                   atol=1e-6 if dtype == torch.float32 else 1e-7)
+                                   atol=5e-6 if dtype == torch.float32 else 1e-7)  # a code one apart: ~1e-4 of an update
     assert torch.isfinite(ours["param"]).all()
 
 
@@ -97,4 +97,4 @@ def test_reference_follows_bitsandbytes(dtype):
         diff = (ref[key].int() - bnb[key].int()).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 5e-3, key
     torch.testing.assert_close(ref["param"], bnb["param"], rtol=1e-5 if dtype == torch.float32 else 2**-7,
-                               atol=1e-6 if dtype == torch.float32 else 1e-7)
+                               atol=5e-6 if dtype == torch.float32 else 1e-7)  # a code one apart: ~1e-4 of an update
