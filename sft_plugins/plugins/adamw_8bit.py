@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .._markers import hookimpl
+from ._fsdp import fsdp_requested
 
 DEFAULT_OPTIONS: dict[str, Any] = {
     "paged": False,           # PagedAdamW8bit: state in CUDA unified memory, evicted to host under pressure
@@ -356,8 +357,11 @@ def sft_check(args: Any, options: dict[str, Any]) -> list[str]:
     if getattr(args, "deepspeed", None):
         errors.append("DeepSpeed builds or wraps its own optimizer: use its optimizer config instead of "
                       "adamw_8bit, or drop args.deepspeed")
-    if getattr(args, "fsdp", None):
-        errors.append("adamw_8bit is not verified with FSDP (sharded 8-bit state): drop args.fsdp or the plugin")
+    fsdp = fsdp_requested(args)  # args.fsdp, or accelerate's environment (`accelerate launch --use_fsdp`)
+    if fsdp:
+        where = "args.fsdp" if fsdp == "args" else "FSDP in the accelerate config / ACCELERATE_USE_FSDP"
+        errors.append(f"adamw_8bit is not verified with FSDP (bitsandbytes steps DTensor shards as plain tensors): "
+                      f"drop {where}, or the plugin")
     problem = _probe(_target_device(args), opts["paged"])
     if problem:
         errors.append(problem)

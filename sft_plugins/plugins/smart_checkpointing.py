@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .._errors import PluginError
 from .._markers import hookimpl
+from ._fsdp import fsdp_requested
 
 NAME = "smart_checkpointing"
 logger = logging.getLogger("sft_plugins")
@@ -123,14 +124,9 @@ def _args_errors(args: Any) -> list[str]:
     if getattr(args, "deepspeed", None):
         errors.append(f"{NAME} is not supported with DeepSpeed (ZeRO partitions the layer parameters it "
                       "recomputes with): use DeepSpeed's activation checkpointing instead")
-    fsdp = getattr(args, "fsdp", None)
-    # `accelerate launch --use_fsdp` (or an accelerate config with FSDP) turns FSDP on through the
-    # environment, with args.fsdp unset: read ACCELERATE_USE_FSDP the way the trainer's Accelerator does
-    from accelerate.utils import parse_flag_from_env
-
-    fsdp_env = parse_flag_from_env("ACCELERATE_USE_FSDP")
-    if (fsdp and fsdp not in ("", [])) or fsdp_env:
-        how = "fsdp_activation_checkpointing: true in the accelerate config" if fsdp_env and not fsdp else \
+    fsdp = fsdp_requested(args)  # args.fsdp, or accelerate's environment (`accelerate launch --use_fsdp`)
+    if fsdp:
+        how = "fsdp_activation_checkpointing: true in the accelerate config" if fsdp == "env" else \
             "fsdp_config={'activation_checkpointing': True}"
         errors.append(f"{NAME} is not supported with FSDP (FSDP2 shards the layer parameters it recomputes "
                       f"with): use FSDP's own activation checkpointing, {how}")
