@@ -147,6 +147,44 @@ def test_parity_with_chunked_mlp_recompute(tok, lora):
     assert stats["calls"] == 18
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("chunks", [0, 2], ids=["whole", "chunked"])
+def test_parity_with_lean_mlp(tok, lora, chunks, monkeypatch):
+    """The lean SwiGLU function in the recompute: same losses and gradients as no checkpointing."""
+    from sft_plugins.plugins import _lean_mlp
+
+    calls = []
+    apply = _lean_mlp._LeanSwiGLU.apply
+    monkeypatch.setattr(_lean_mlp._LeanSwiGLU, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    opts = {"offload": "always", "lean_mlp": True, "mlp_chunks": chunks}
+    _assert_same(_run(tok, lora=lora, dropout=0.1, steps=6), _run(tok, opts, lora=lora, dropout=0.1, steps=6))
+    assert len(calls) == 6 * 3 * max(chunks, 1)  # every layer's recompute (each chunk's) went through it
+
+
+def test_lean_mlp_refusals_fallback_and_undo(tok):
+    from peft import LoraConfig, get_peft_model
+
+    from sft_plugins.plugins import _lean_mlp
+
+    # LoRA dropout everywhere: nothing to fuse exactly, so the option is refused with the reason
+    model = get_peft_model(_model(tok, layers=2), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    with pytest.raises(PluginError, match="lean_mlp needs SwiGLU.*without dropout"):
+        sft_plugins.compose([NAME], options={NAME: {"lean_mlp": True}}).prepare(model=model)
+    model = _lora(_model(tok, layers=2))
+    mlp = model.base_model.model.model.layers[0].mlp
+    with sft_plugins.compose([NAME], options={NAME: {"lean_mlp": True}}) as stack:
+        stack.prepare(model=model)
+        assert "forward" in mlp.__dict__ and _lean_mlp._plan(mlp) is not None
+        mlp.up_proj.lora_dropout["default"] = torch.nn.Dropout(0.1)  # changed after prepare: checked per call
+        assert _lean_mlp._plan(mlp) is None
+    assert "forward" not in mlp.__dict__
+    model = _model(tok, layers=2)
+    for layer in model.model.layers:
+        layer.mlp = torch.nn.Identity()
+    with pytest.raises(PluginError, match="lean_mlp needs SwiGLU"):
+        sft_plugins.compose([NAME], options={NAME: {"lean_mlp": True}}).prepare(model=model)
+
+
 def test_chunked_mlp_is_undone_and_refused_without_dense_mlp(tok):
     model = _model(tok, layers=2)
     with sft_plugins.compose([NAME], options={NAME: {"mlp_chunks": 2}}) as stack:
@@ -563,3 +601,38 @@ def test_gpu_auto_mlp_chunks_tiles_when_memory_is_short_and_stays_exact(tok, mon
     monkeypatch.setattr(_offload, "_MAX_AUTO_CHUNKS", 4)
     _assert_same(_run(tok, layers=3, steps=4, device="cuda"), _run(tok, {}, layers=3, steps=4, device="cuda"))
     assert tiled and set(tiled) == {4}
+
+
+@needs_cuda
+def test_gpu_lean_mlp_bf16_lora_same_loss_less_memory(tok):
+    """bf16 LoRA on the GPU (Triton SwiGLU kernels, autocast off, bf16 weights): the lean recompute gives
+    the same losses to bf16 rounding and a lower backward peak by several [tokens, intermediate] tensors."""
+    tokens, inter = 2048, 4096
+
+    def run(options):
+        torch.manual_seed(0)
+        model = _lora(build_model("tiny", tokenizer=tok, num_hidden_layers=2, intermediate_size=inter,
+                                  dtype=torch.bfloat16).cuda())
+        model.train()
+        ids = torch.randint(0, len(tok), (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
+        losses, peaks = [], []
+        with sft_plugins.compose([NAME], options={NAME: {"offload": "never", **options}}) as stack:
+            stack.prepare(model=model)
+            for _ in range(3):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                loss.backward()
+                torch.cuda.synchronize()
+                peaks.append(torch.cuda.max_memory_allocated() - base)
+                losses.append(loss.item())
+                model.zero_grad(set_to_none=True)
+        return losses, max(peaks)
+
+    plain_losses, plain_peak = run({})
+    lean_losses, lean_peak = run({"lean_mlp": True})
+    for a, b in zip(plain_losses, lean_losses):
+        assert abs(a - b) <= 2e-2 * abs(a)
+    unit = tokens * inter * 2  # one bf16 [tokens, intermediate] tensor
+    assert plain_peak - lean_peak >= 3 * unit, (plain_peak / unit, lean_peak / unit)

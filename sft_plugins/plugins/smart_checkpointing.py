@@ -46,6 +46,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "mlp_chunks": "auto",        # >0: in the recompute, run each layer's MLP in this many sequence chunks, each
                                  # recomputed in backward (less GPU memory, one more MLP forward per layer);
                                  # "auto": only when GPU memory is short for the MLP (CUDA); 0: never
+    "lean_mlp": False,           # in the recompute, a SwiGLU MLP (plain or LoRA projections) through a fused
+                                 # function keeping 3 [tokens, intermediate] tensors at its peak instead of ~8
 }
 _OFFLOAD_MODES = {"auto", "never", "always"}
 # HF/TRL gradient_checkpointing_kwargs we can honour: use_reentrant (ours has its own, exact, mechanics),
@@ -87,6 +89,8 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
         if not _number_ok(opts[key], integer=True, minimum=low):
             errors.append(f"option {key!r} must be an integer >= {low}{' or auto' if key == 'mlp_chunks' else ''}, "
                           f"got {opts[key]!r}")
+    if not isinstance(opts["lean_mlp"], bool):
+        errors.append(f"option 'lean_mlp' must be true or false, got {opts['lean_mlp']!r}")
     if not isinstance(opts["preserve_rng_state"], bool):
         errors.append(f"option 'preserve_rng_state' must be true or false, got {opts['preserve_rng_state']!r}")
     return errors
@@ -172,6 +176,13 @@ def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str
     if chunks != "auto" and chunks and any(_mlp_of(layer) is None for layer in layers):
         return [f"option mlp_chunks needs a dense MLP at layer.mlp in every layer (token-wise, e.g. LlamaMLP); "
                 f"{type(layers[0]).__name__} has {type(getattr(layers[0], 'mlp', None)).__name__}: set mlp_chunks=0"]
+    if _options(options)["lean_mlp"]:
+        from ._lean_mlp import _plan
+
+        if not any(_mlp_of(layer) is not None and _plan(_mlp_of(layer)) is not None for layer in layers):
+            return ["option lean_mlp needs SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU; plain or vanilla-LoRA "
+                    f"projections without dropout); {type(getattr(layers[0], 'mlp', None)).__name__} is not one: "
+                    "set lean_mlp=False"]
     return []
 
 
@@ -206,7 +217,7 @@ def _offloader(opts: dict[str, Any]) -> Any:
     global _WARNED_NO_CUDA
     import torch
 
-    from . import _offload
+    from . import _lean_mlp, _offload
 
     mode = {"auto": "offload", "always": "copy", "never": "keep"}[opts["offload"]]
     if opts["offload"] == "auto" and not torch.cuda.is_available():
@@ -234,7 +245,7 @@ def _offloader(opts: dict[str, Any]) -> Any:
 def _apply(model: Any, args: Any, opts: dict[str, Any]) -> _Patch:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from . import _offload
+    from . import _lean_mlp, _offload
 
     kwargs = _ckpt_kwargs(args)
     opts = dict(opts)
@@ -265,10 +276,14 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> _Patch:
             plan = _offload.LayerPlan(offloader, slot, keep=slot >= keep_from)
             fn = _offload.make_checkpoint_fn(module, plan)
             patch.funcs[id(module)] = fn
-            mlp = _mlp_of(module) if opts["mlp_chunks"] else None
+            mlp = _mlp_of(module) if opts["mlp_chunks"] or opts["lean_mlp"] else None
             if mlp is not None:
                 patch.saved.append((mlp, {"forward": mlp.__dict__.get("forward", _MISSING)}))
-                mlp.forward = _offload.make_tiled_forward(mlp, opts["mlp_chunks"])
+                lean = _lean_mlp.make_lean_forward(mlp) if opts["lean_mlp"] else None
+                if lean is not None:
+                    mlp.forward = lean
+                if opts["mlp_chunks"]:  # tiles whichever forward is in place (the lean one included)
+                    mlp.forward = _offload.make_tiled_forward(mlp, opts["mlp_chunks"])
         else:
             # A non-layer module with the flag (e.g. LlamaModel): set it as HF does, so its use_cache
             # handling matches; if an older-style model checkpoints from there, it gets torch's checkpoint.

@@ -1,0 +1,184 @@
+"""A memory-lean SwiGLU MLP for the layer recompute (``smart_checkpointing`` option ``lean_mlp``).
+
+``down(silu(gate(x)) * up(x))`` with each projection a plain ``nn.Linear`` or a PEFT LoRA ``Linear``
+(vanilla LoRA: no DoRA or other variant, no dropout, no LoRA bias). Eager autograd keeps four
+[tokens, intermediate] tensors for the backward (gate, up, silu(gate), their product) and allocates
+three more in it (the gradients of the product, of silu(gate), of up), plus PEFT's ``base + B(A(x))·s``
+temporaries in the forward. Here the forward keeps only gate and up (LoRA sums accumulated into the base
+output in place), and the backward allocates one: d(product); the SwiGLU backward then overwrites gate
+and up with their gradients and d(product) with the product itself, which the down projection's weight
+gradients need once more. Peak: 3 such tensors instead of ~8, the same products and sums (results equal
+to eager up to rounding order).
+
+Used only where a graph is built (the recompute); anything else falls back to the module's own forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..kernels._swiglu import swiglu_backward_, swiglu_forward
+
+
+@dataclass
+class _Proj:
+    """One projection as indices into the tensor list handed to the autograd function."""
+
+    weight: int
+    bias: int | None = None
+    loras: list[tuple[int, int, float]] = field(default_factory=list)  # (A index, B index, scaling)
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
+
+
+def _projection(module: Any, tensors: list[torch.Tensor]) -> _Proj | None:
+    """Appends the projection's tensors to ``tensors``; None when it is not one we can fuse exactly."""
+    if type(module) is torch.nn.Linear:
+        proj = _Proj(len(tensors))
+        tensors.append(module.weight)
+        if module.bias is not None:
+            proj.bias = len(tensors)
+            tensors.append(module.bias)
+        return proj
+    base = getattr(module, "base_layer", None)
+    if base is None or not all(hasattr(module, a) for a in ("lora_A", "lora_B", "lora_dropout", "scaling")):
+        return None
+    proj = _projection(base, tensors)
+    if proj is None or getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
+        return proj  # adapters off, or merged into the base weight: the base layer is the whole forward
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        dropout_off = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and drop.p == 0)
+        if (name in getattr(module, "lora_variant", {}) or not dropout_off or type(a) is not torch.nn.Linear
+                or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None):
+            return None
+        proj.loras.append((len(tensors), len(tensors) + 1, float(module.scaling[name])))
+        tensors.extend([a.weight, b.weight])
+    return proj
+
+
+def _plan(mlp: Any) -> tuple[tuple[_Proj, _Proj, _Proj], list[torch.Tensor]] | None:
+    if not _is_silu(getattr(mlp, "act_fn", None)):
+        return None
+    tensors: list[torch.Tensor] = []
+    projs = [_projection(getattr(mlp, name, None), tensors) for name in ("gate_proj", "up_proj", "down_proj")]
+    if any(p is None for p in projs):
+        return None
+    return (projs[0], projs[1], projs[2]), tensors  # type: ignore[return-value]
+
+
+def _linear(inp: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.dtype) -> tuple[torch.Tensor, list]:
+    """``inp @ W.T (+ b) + sum_k s_k (inp @ A_k.T) @ B_k.T`` with the LoRA terms added in place."""
+    bias = None if proj.bias is None else ts[proj.bias].to(cd)
+    out = torch.nn.functional.linear(inp, ts[proj.weight].to(cd), bias)
+    xas = []
+    for ia, ib, s in proj.loras:
+        xa = inp @ ts[ia].to(cd).t()
+        out.addmm_(xa, ts[ib].to(cd).t(), alpha=s)
+        xas.append(xa)
+    return out, xas
+
+
+def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: list, proj: _Proj, ts: list[torch.Tensor],
+                     need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool) -> torch.Tensor | None:
+    """Fills ``grads`` for the projection's tensors; returns d(input) when ``want_dx``. ``inp`` may be None
+    when no gradient that needs it is wanted."""
+    if need[proj.weight]:
+        grads[proj.weight] = (dy.t() @ inp).to(ts[proj.weight].dtype)
+    if proj.bias is not None and need[proj.bias]:
+        grads[proj.bias] = dy.sum(0).to(ts[proj.bias].dtype)
+    dx = dy @ ts[proj.weight].to(cd) if want_dx else None
+    for (ia, ib, s), xa in zip(proj.loras, xas):
+        b = ts[ib].to(cd)
+        dyb = dy @ b  # [N, r]
+        if need[ib]:
+            grads[ib] = (dy.t() @ xa).mul_(s).to(ts[ib].dtype)
+        if need[ia]:
+            grads[ia] = (dyb.t() @ inp).mul_(s).to(ts[ia].dtype)
+        if dx is not None:
+            dx.addmm_(dyb, ts[ia].to(cd), alpha=s)
+    return dx
+
+
+class _LeanSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, projs: tuple[_Proj, _Proj, _Proj], *ts: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        gate, up, down = projs
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            e, xa_g = _linear(x2, gate, list(ts), cd)
+            g, xa_u = _linear(x2, up, list(ts), cd)
+            h = swiglu_forward(e, g)
+            y, xa_d = _linear(h, down, list(ts), cd)
+            del h
+        ctx.projs, ctx.cd, ctx.x_dtype, ctx.x_shape = projs, cd, x.dtype, x.shape
+        ctx.n_lora = (len(xa_g), len(xa_u), len(xa_d))
+        ctx.save_for_backward(x2, e, g, *xa_g, *xa_u, *xa_d, *ts)
+        ctx.done = False
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        if ctx.done:  # gate and up were overwritten by their gradients in the first backward
+            raise RuntimeError("lean_mlp: backward through the same recompute twice (retain_graph) is not "
+                               "supported; set smart_checkpointing option lean_mlp=False")
+        ctx.done = True
+        x2, e, g, *rest = ctx.saved_tensors
+        ng, nu, nd = ctx.n_lora
+        xa_g, xa_u, xa_d, ts = rest[:ng], rest[ng:ng + nu], rest[ng + nu:ng + nu + nd], rest[ng + nu + nd:]
+        gate, up, down = ctx.projs
+        cd = ctx.cd
+        need = list(ctx.needs_input_grad[2:])
+        grads: list[Any] = [None] * len(ts)
+        device = dy.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
+            # d(product); the down projection's gradients that need the product come after it is rewritten
+            dh = dy2 @ ts[down.weight].to(cd)
+            for (ia, ib, s) in down.loras:
+                dh.addmm_(dy2 @ ts[ib].to(cd), ts[ia].to(cd), alpha=s)
+            need_h = need[down.weight] or any(need[ia] for ia, _, _ in down.loras)
+            swiglu_backward_(e, g, dh, write_h=need_h)  # e <- d gate, g <- d up, dh <- product
+            _linear_backward(dy2, dh if need_h else None, list(xa_d), down, ts, need, grads, cd, want_dx=False)
+            del dh
+            want_dx = ctx.needs_input_grad[0]
+            dx = _linear_backward(e, x2, list(xa_g), gate, ts, need, grads, cd, want_dx)
+            dx_up = _linear_backward(g, x2, list(xa_u), up, ts, need, grads, cd, want_dx)
+            if dx is not None:
+                dx.add_(dx_up)
+                dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
+        return (dx, None, *grads)
+
+
+def make_lean_forward(mlp: torch.nn.Module) -> Callable[..., Any] | None:
+    """An instance ``forward`` for a SwiGLU MLP that runs the lean function when a graph is being built
+    and the projections are fusable at call time (adapters can change), the module's own forward
+    otherwise; None when the module is not a SwiGLU MLP at all."""
+    if _plan(mlp) is None:
+        return None
+    inner = mlp.__dict__.get("forward") or functools.partial(type(mlp).forward, mlp)
+
+    def lean_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-1] == 0:
+            return inner(x, *args, **kwargs)
+        plan = _plan(mlp)
+        if plan is None:
+            return inner(x)
+        projs, ts = plan
+        if not (x.requires_grad or any(t.requires_grad for t in ts)):
+            return inner(x)
+        return _LeanSwiGLU.apply(x, projs, *ts)
+
+    return lean_forward
