@@ -12,6 +12,8 @@ Arms, all on the same random-initialised model with LoRA r=16 on all linear laye
 - ``ours_lean`` (1B shape): ``prefetch: 0, keep_last_on_gpu: 0, mlp_chunks: 8``: every input off the GPU
   and brought back on demand, and each layer's MLP recomputed in 8 sequence chunks: the least GPU
   memory, for one more MLP forward per layer and unhidden copies.
+- ``ours_lean_mlp`` (only when named in ``--arms``/``--cap-arms``): ``lean_mlp: true``, the fused SwiGLU
+  recompute.
 
 The loss is a chunked LM head + cross-entropy (each 2k-token chunk checkpointed), the same for every
 arm, so the [tokens x 128k] logits do not hide what the decoder checkpoints cost (TRL's SFTTrainer
@@ -132,6 +134,14 @@ class Stepper:
         return float(loss.detach())
 
 
+OURS_OPTIONS: dict[str, dict[str, Any]] = {
+    "ours": {},
+    "ours_lean": {"prefetch": 0, "keep_last_on_gpu": 0, "mlp_chunks": 8},
+    "ours_lean_mlp": {"lean_mlp": True},  # the fused SwiGLU recompute; only with --arms / --cap-arms
+}
+ARMS = ("none", "hf", "trl_offload", "trl_offload_reentrant", *OURS_OPTIONS)
+
+
 @contextlib.contextmanager
 def arm_context(arm: str, model: Any):
     """Turn the arm's checkpointing on for the duration; yields the per-step context (TRL's) or None."""
@@ -141,7 +151,7 @@ def arm_context(arm: str, model: Any):
     if arm == "none":
         yield None
     elif arm.startswith("ours"):
-        options = {"prefetch": 0, "keep_last_on_gpu": 0, "mlp_chunks": 8} if arm == "ours_lean" else {}
+        options = OURS_OPTIONS[arm]
         with sft_plugins.compose(["smart_checkpointing"], options={"smart_checkpointing": options}) as stack:
             stack.prepare(model=model)
             yield None
@@ -333,7 +343,7 @@ def main() -> int:
     ap.add_argument("--cap-only", action="store_true", help="only the max-sequence probes under the cap")
     ap.add_argument("--no-cap", action="store_true", help="skip the max-sequence probes")
     ap.add_argument("--cap-arms", default=None, help="comma-separated arms to probe under the cap, in order")
-    ap.add_argument("--arms", default=None, help="comma-separated arms to time (default: each model's plan)")
+    ap.add_argument("--arms", default=None, help=f"comma-separated arms to time instead of each model's plan: {ARMS}")
     ap.add_argument("--merge", default=None, help="start from this earlier JSON (timing rows and cap results "
                     "kept; rows measured again replace them), so one table can come from several runs")
     args = ap.parse_args()
@@ -345,9 +355,13 @@ def main() -> int:
     cfg = plan(args.smoke)
     if args.models:
         cfg["models"] = [m for m in cfg["models"] if m["preset"] in args.models.split(",")]
+    for value in (args.arms, args.cap_arms):
+        unknown = sorted(set((value or "").split(",")) - set(ARMS) - {""})
+        if unknown:
+            ap.error(f"unknown arms {unknown}; arms: {ARMS}")
     if args.arms:
         for m in cfg["models"]:
-            m["arms"] = [a for a in m["arms"] if a in args.arms.split(",")]
+            m["arms"] = args.arms.split(",")
     if args.cap_arms and cfg["cap"]:
         cfg["cap"]["arms"] = args.cap_arms.split(",")
     if args.no_cap:
