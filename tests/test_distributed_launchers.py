@@ -172,33 +172,25 @@ def _fsdp_args(tmp_path, **kw):
                      fsdp_config={"fsdp_version": 2}, **kw)
 
 
-def test_smart_checkpointing_refuses_fsdp(tmp_path, monkeypatch):
+@pytest.mark.parametrize("plugin, by_args, by_env", [
+    ("smart_checkpointing", "not supported with FSDP.*activation_checkpointing",
+     "not supported with FSDP.*fsdp_activation_checkpointing"),
+    ("adamw_8bit", "FSDP.*drop args.fsdp", "FSDP.*ACCELERATE_USE_FSDP"),
+])
+def test_plugins_refuse_fsdp(tmp_path, monkeypatch, plugin, by_args, by_env):
+    if plugin == "adamw_8bit":
+        pytest.importorskip("bitsandbytes")
     from sft_plugins.embedded import build_model, build_tokenizer
     from trl import SFTConfig
 
     model = build_model(tokenizer=build_tokenizer())
-    with pytest.raises(sft_plugins.PluginError, match="not supported with FSDP.*activation_checkpointing"):
-        sft_plugins.compose(["smart_checkpointing"]).prepare(model=model, args=_fsdp_args(tmp_path))
+    with pytest.raises(sft_plugins.PluginError, match=by_args):
+        sft_plugins.compose([plugin]).prepare(model=model, args=_fsdp_args(tmp_path))
     # FSDP turned on by `accelerate launch --use_fsdp` (environment), args.fsdp unset
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    with pytest.raises(sft_plugins.PluginError, match="not supported with FSDP.*fsdp_activation_checkpointing"):
-        sft_plugins.compose(["smart_checkpointing"]).prepare(model=model, args=args)
-
-
-def test_adamw_8bit_refuses_fsdp(tmp_path, monkeypatch):
-    pytest.importorskip("bitsandbytes")
-    from sft_plugins.embedded import build_model, build_tokenizer
-    from trl import SFTConfig
-
-    model = build_model(tokenizer=build_tokenizer())
-    with pytest.raises(sft_plugins.PluginError, match="FSDP.*drop args.fsdp"):
-        sft_plugins.compose(["adamw_8bit"]).prepare(model=model, args=_fsdp_args(tmp_path))
-    # FSDP turned on by `accelerate launch --use_fsdp` (environment), args.fsdp unset
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    with pytest.raises(sft_plugins.PluginError, match="FSDP.*ACCELERATE_USE_FSDP"):
-        sft_plugins.compose(["adamw_8bit"]).prepare(model=model, args=args)
+    with pytest.raises(sft_plugins.PluginError, match=by_env):
+        sft_plugins.compose([plugin]).prepare(model=model, args=args)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (NCCL)")
