@@ -89,18 +89,22 @@ def _linear(inp: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.dt
     return out, xas
 
 
+def _lora_dy_b(dy: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.dtype) -> list[torch.Tensor]:
+    """``dy @ B_k`` ([N, r]) per LoRA term: what both d(input) and dA need."""
+    return [dy @ ts[ib].to(cd) for _, ib, _ in proj.loras]
+
+
 def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: list, proj: _Proj, ts: list[torch.Tensor],
-                     need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool) -> torch.Tensor | None:
+                     need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool,
+                     dybs: list[torch.Tensor] | None = None) -> torch.Tensor | None:
     """Fills ``grads`` for the projection's tensors; returns d(input) when ``want_dx``. ``inp`` may be None
-    when no gradient that needs it is wanted."""
+    when no gradient that needs it is wanted; ``dybs`` are the ``dy @ B_k`` products when already made."""
     if need[proj.weight]:
         grads[proj.weight] = (dy.t() @ inp).to(ts[proj.weight].dtype)
     if proj.bias is not None and need[proj.bias]:
         grads[proj.bias] = dy.sum(0).to(ts[proj.bias].dtype)
     dx = dy @ ts[proj.weight].to(cd) if want_dx else None
-    for (ia, ib, s), xa in zip(proj.loras, xas):
-        b = ts[ib].to(cd)
-        dyb = dy @ b  # [N, r]
+    for (ia, ib, s), xa, dyb in zip(proj.loras, xas, dybs if dybs is not None else _lora_dy_b(dy, proj, ts, cd)):
         if need[ib]:
             grads[ib] = (dy.t() @ xa).mul_(s).to(ts[ib].dtype)
         if need[ia]:
@@ -146,12 +150,14 @@ class _LeanSwiGLU(torch.autograd.Function):
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
             # d(product); the down projection's gradients that need the product come after it is rewritten
+            dybs = _lora_dy_b(dy2, down, ts, cd)
             dh = dy2 @ ts[down.weight].to(cd)
-            for (ia, ib, s) in down.loras:
-                dh.addmm_(dy2 @ ts[ib].to(cd), ts[ia].to(cd), alpha=s)
+            for (ia, _, s), dyb in zip(down.loras, dybs):
+                dh.addmm_(dyb, ts[ia].to(cd), alpha=s)
             need_h = need[down.weight] or any(need[ia] for ia, _, _ in down.loras)
             swiglu_backward_(e, g, dh, write_h=need_h)  # e <- d gate, g <- d up, dh <- product
-            _linear_backward(dy2, dh if need_h else None, list(xa_d), down, ts, need, grads, cd, want_dx=False)
+            _linear_backward(dy2, dh if need_h else None, list(xa_d), down, ts, need, grads, cd, want_dx=False,
+                             dybs=dybs)
             del dh
             want_dx = ctx.needs_input_grad[0]
             dx = _linear_backward(e, x2, list(xa_g), gate, ts, need, grads, cd, want_dx)

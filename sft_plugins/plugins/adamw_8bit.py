@@ -198,13 +198,14 @@ def optimizer_classes() -> dict[bool, type]:
                         self.to_gpu()
                         self.initialized = True
                     kernels = _cuda_adam_kernels(self.kernel) if self.optimizer_name == "adam" else None
+                    device = torch.cuda.current_device() if kernels is not None and torch.cuda.is_available() else None
                     for gindex, group in enumerate(self.param_groups):
                         for pindex, p in enumerate(group["params"]):
                             if p.grad is None:
                                 continue
                             if len(self.state[p]) == 0:
                                 self.init_state(group, p, gindex, pindex)
-                            if kernels is None or not _launch_adam(kernels, self, group, p, gindex, pindex):
+                            if device is None or not _launch_adam(kernels, self, group, p, gindex, pindex, device):
                                 self.update_step(group, p, gindex, pindex)
                     return loss
 
@@ -239,7 +240,8 @@ def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
     return found
 
 
-def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int) -> bool:
+def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int,
+                 device: int) -> bool:
     """One parameter's Adam update through bitsandbytes' compiled kernel, called directly.
 
     bitsandbytes' ``update_step`` reaches the same kernel through ~100 us of Python per parameter
@@ -252,7 +254,7 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
     tensors, an update-norm clip, AdEMAMix-style extra betas, or a dtype without a kernel.
     """
     grad, state = p.grad, opt.state[p]
-    if not (p.is_cuda and p.is_contiguous() and grad.is_contiguous()) or p.device.index != _current_device():
+    if not (p.is_cuda and p.is_contiguous() and grad.is_contiguous()) or p.device.index != device:
         return False
     config = opt.get_config(gindex, pindex, group)
     betas = config["betas"]
@@ -287,12 +289,6 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
             f32(config["weight_decay"]), ct.c_int32(state["step"]), f32(config["lr"]), f32(1.0),
             ct.c_bool(config["skip_zeros"]), ct.c_int32(grad.numel()))
     return True
-
-
-def _current_device() -> int:
-    import torch
-
-    return torch.cuda.current_device()
 
 
 def find_optimizer(optimizer: Any) -> Any:

@@ -172,14 +172,15 @@ def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str
     if custom:
         return [f"the model's layers already carry a custom checkpointing function ({sorted(custom)}): another "
                 f"plugin or library patched checkpointing; undo it first or drop {NAME}"]
-    chunks = _options(options)["mlp_chunks"]
+    opts = _options(options)
+    chunks = opts["mlp_chunks"]
     if chunks != "auto" and chunks and any(_mlp_of(layer) is None for layer in layers):
         return [f"option mlp_chunks needs a dense MLP at layer.mlp in every layer (token-wise, e.g. LlamaMLP); "
                 f"{type(layers[0]).__name__} has {type(getattr(layers[0], 'mlp', None)).__name__}: set mlp_chunks=0"]
-    if _options(options)["lean_mlp"]:
+    if opts["lean_mlp"]:
         from ._lean_mlp import _plan
 
-        if not any(_mlp_of(layer) is not None and _plan(_mlp_of(layer)) is not None for layer in layers):
+        if not any((mlp := _mlp_of(layer)) is not None and _plan(mlp) is not None for layer in layers):
             return ["option lean_mlp needs SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU; plain or vanilla-LoRA "
                     f"projections without dropout); {type(getattr(layers[0], 'mlp', None)).__name__} is not one: "
                     "set lean_mlp=False"]
@@ -217,7 +218,7 @@ def _offloader(opts: dict[str, Any]) -> Any:
     global _WARNED_NO_CUDA
     import torch
 
-    from . import _lean_mlp, _offload
+    from . import _offload
 
     mode = {"auto": "offload", "always": "copy", "never": "keep"}[opts["offload"]]
     if opts["offload"] == "auto" and not torch.cuda.is_available():
