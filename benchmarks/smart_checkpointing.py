@@ -13,7 +13,7 @@ Arms, all on the same random-initialised model with LoRA r=16 on all linear laye
   and brought back on demand, and each layer's MLP recomputed in 8 sequence chunks: the least GPU
   memory, for one more MLP forward per layer and unhidden copies.
 - ``ours_lean_mlp`` (only when named in ``--arms``/``--cap-arms``): ``lean_mlp: true``, the fused SwiGLU
-  recompute.
+  recompute; ``ours_lean_recompute`` (the same): ``lean_mlp`` and ``lean_norm``, fused RMSNorms too.
 
 The loss is a chunked LM head + cross-entropy (each 2k-token chunk checkpointed), the same for every
 arm, so the [tokens x 128k] logits do not hide what the decoder checkpoints cost (TRL's SFTTrainer
@@ -138,6 +138,7 @@ OURS_OPTIONS: dict[str, dict[str, Any]] = {
     "ours": {},
     "ours_lean": {"prefetch": 0, "keep_last_on_gpu": 0, "mlp_chunks": 8},
     "ours_lean_mlp": {"lean_mlp": True},  # the fused SwiGLU recompute; only with --arms / --cap-arms
+    "ours_lean_recompute": {"lean_mlp": True, "lean_norm": True},  # ... and fused RMSNorms; the same
 }
 ARMS = ("none", "hf", "trl_offload", "trl_offload_reentrant", *OURS_OPTIONS)
 

@@ -149,16 +149,52 @@ def test_parity_with_chunked_mlp_recompute(tok, lora):
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 @pytest.mark.parametrize("chunks", [0, 2], ids=["whole", "chunked"])
-def test_parity_with_lean_mlp(tok, lora, chunks, monkeypatch):
-    """The lean SwiGLU function in the recompute: same losses and gradients as no checkpointing."""
+@pytest.mark.parametrize("h_rows", [None, 1], ids=["h_default", "h_row_chunks"])
+def test_parity_with_lean_mlp(tok, lora, chunks, h_rows, monkeypatch):
+    """The lean SwiGLU function in the recompute: same losses and gradients as no checkpointing (also with
+    its product made in row chunks, which tiny inputs otherwise never are)."""
     from sft_plugins.plugins import _lean_mlp
 
+    if h_rows is not None:
+        monkeypatch.setattr(_lean_mlp, "_MIN_CHUNK_ROWS", h_rows)
+        assert len(_lean_mlp._row_chunks(9)) == 3 and len(_lean_mlp._row_chunks(40)) == 4
     calls = []
     apply = _lean_mlp._LeanSwiGLU.apply
     monkeypatch.setattr(_lean_mlp._LeanSwiGLU, "apply", lambda *a: (calls.append(1), apply(*a))[1])
     opts = {"offload": "always", "lean_mlp": True, "mlp_chunks": chunks}
     _assert_same(_run(tok, lora=lora, dropout=0.1, steps=6), _run(tok, opts, lora=lora, dropout=0.1, steps=6))
     assert len(calls) == 6 * 3 * max(chunks, 1)  # every layer's recompute (each chunk's) went through it
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_parity_with_lean_norm(tok, lora, monkeypatch):
+    """The fused RMSNorm in the recompute (with the lean MLP): same losses and gradients as no checkpointing,
+    the norms' weight gradients included (full fine-tuning)."""
+    from sft_plugins.plugins import _lean_norm
+
+    calls = []
+    apply = _lean_norm._LeanRMSNorm.apply
+    monkeypatch.setattr(_lean_norm._LeanRMSNorm, "apply", lambda *a: (calls.append(1), apply(*a))[1])
+    opts = {"offload": "always", "lean_mlp": True, "lean_norm": True}
+    _assert_same(_run(tok, lora=lora, dropout=0.1, steps=6), _run(tok, opts, lora=lora, dropout=0.1, steps=6))
+    # two norms per layer in every recompute (the final norm is not patched), but for LoRA's first input norm:
+    # nothing there needs a gradient (frozen embeddings and norm weight), so it runs as is
+    assert len(calls) == 6 * (3 * 2 - lora)
+
+
+def test_lean_norm_refusal_and_undo(tok):
+    model = _model(tok, layers=2)
+    norms = [model.model.layers[0].input_layernorm, model.model.layers[1].post_attention_layernorm]
+    with sft_plugins.compose([NAME], options={NAME: {"lean_norm": True}}) as stack:
+        stack.prepare(model=model)
+        assert all("forward" in n.__dict__ for n in norms) and "forward" not in model.model.norm.__dict__
+    assert all("forward" not in n.__dict__ for n in norms)
+    for layer in model.model.layers:
+        layer.input_layernorm = layer.post_attention_layernorm = torch.nn.LayerNorm(layer.mlp.up_proj.in_features)
+    with pytest.raises(PluginError, match="lean_norm needs Llama-style RMSNorms"):
+        sft_plugins.compose([NAME], options={NAME: {"lean_norm": True}}).prepare(model=model)
+    with pytest.raises(PluginError, match="'lean_norm' must be true or false"):
+        sft_plugins.compose([NAME], options={NAME: {"lean_norm": "yes"}}).prepare(model=_model(tok, layers=2))
 
 
 def test_lean_mlp_refusals_fallback_and_undo(tok):
@@ -603,36 +639,51 @@ def test_gpu_auto_mlp_chunks_tiles_when_memory_is_short_and_stays_exact(tok, mon
     assert tiled and set(tiled) == {4}
 
 
+def _gpu_bf16_lora_backward(tok, options, tokens, inter, hidden):
+    """Three bf16 LoRA steps on the GPU (Triton kernels, autocast off, bf16 weights): losses, backward peak."""
+    torch.manual_seed(0)
+    model = _lora(build_model("tiny", tokenizer=tok, num_hidden_layers=2, intermediate_size=inter,
+                              hidden_size=hidden, dtype=torch.bfloat16).cuda())
+    model.train()
+    ids = torch.randint(0, len(tok), (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
+    losses, peaks = [], []
+    with sft_plugins.compose([NAME], options={NAME: {"offload": "never", **options}}) as stack:
+        stack.prepare(model=model)
+        for _ in range(3):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            loss.backward()
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+            losses.append(loss.item())
+            model.zero_grad(set_to_none=True)
+    return losses, max(peaks)
+
+
 @needs_cuda
 def test_gpu_lean_mlp_bf16_lora_same_loss_less_memory(tok):
-    """bf16 LoRA on the GPU (Triton SwiGLU kernels, autocast off, bf16 weights): the lean recompute gives
-    the same losses to bf16 rounding and a lower backward peak by several [tokens, intermediate] tensors."""
-    tokens, inter = 2048, 4096
-
-    def run(options):
-        torch.manual_seed(0)
-        model = _lora(build_model("tiny", tokenizer=tok, num_hidden_layers=2, intermediate_size=inter,
-                                  dtype=torch.bfloat16).cuda())
-        model.train()
-        ids = torch.randint(0, len(tok), (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
-        losses, peaks = [], []
-        with sft_plugins.compose([NAME], options={NAME: {"offload": "never", **options}}) as stack:
-            stack.prepare(model=model)
-            for _ in range(3):
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                loss.backward()
-                torch.cuda.synchronize()
-                peaks.append(torch.cuda.max_memory_allocated() - base)
-                losses.append(loss.item())
-                model.zero_grad(set_to_none=True)
-        return losses, max(peaks)
-
-    plain_losses, plain_peak = run({})
-    lean_losses, lean_peak = run({"lean_mlp": True})
+    """The lean recompute gives the same losses to bf16 rounding and a lower backward peak by several
+    [tokens, intermediate] tensors (more with its product in row chunks: 4096 tokens make 4)."""
+    tokens, inter, hidden = 4096, 4096, 128
+    plain_losses, plain_peak = _gpu_bf16_lora_backward(tok, {}, tokens, inter, hidden)
+    lean_losses, lean_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True}, tokens, inter, hidden)
     for a, b in zip(plain_losses, lean_losses):
         assert abs(a - b) <= 2e-2 * abs(a)
     unit = tokens * inter * 2  # one bf16 [tokens, intermediate] tensor
-    assert plain_peak - lean_peak >= 3 * unit, (plain_peak / unit, lean_peak / unit)
+    assert plain_peak - lean_peak >= 4 * unit, (plain_peak / unit, lean_peak / unit)
+
+
+@needs_cuda
+def test_gpu_lean_norm_bf16_lora_same_loss_less_memory(tok):
+    """The fused RMSNorm keeps no fp32 copy of its input: on top of the lean MLP, the backward peak drops by at
+    least one fp32 [tokens, hidden] tensor, with the same losses to bf16 rounding."""
+    tokens, inter, hidden = 4096, 1024, 1024
+    mlp_losses, mlp_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True}, tokens, inter, hidden)
+    both_losses, both_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True, "lean_norm": True}, tokens, inter,
+                                                     hidden)
+    for a, b in zip(mlp_losses, both_losses):
+        assert abs(a - b) <= 2e-2 * abs(a)
+    unit = tokens * hidden * 4  # one fp32 [tokens, hidden] tensor
+    assert mlp_peak - both_peak >= unit, (mlp_peak / unit, both_peak / unit)

@@ -48,6 +48,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
                                  # "auto": only when GPU memory is short for the MLP (CUDA); 0: never
     "lean_mlp": False,           # in the recompute, a SwiGLU MLP (plain or LoRA projections) through a fused
                                  # function keeping 3 [tokens, intermediate] tensors at its peak instead of ~8
+    "lean_norm": False,          # in the recompute, Llama-style RMSNorms through a fused function keeping no
+                                 # fp32 copy of their input (2x a bf16 input, twice per layer)
 }
 _OFFLOAD_MODES = {"auto", "never", "always"}
 # HF/TRL gradient_checkpointing_kwargs we can honour: use_reentrant (ours has its own, exact, mechanics),
@@ -89,8 +91,9 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
         if not _number_ok(opts[key], integer=True, minimum=low):
             errors.append(f"option {key!r} must be an integer >= {low}{' or auto' if key == 'mlp_chunks' else ''}, "
                           f"got {opts[key]!r}")
-    if not isinstance(opts["lean_mlp"], bool):
-        errors.append(f"option 'lean_mlp' must be true or false, got {opts['lean_mlp']!r}")
+    for key in ("lean_mlp", "lean_norm"):
+        if not isinstance(opts[key], bool):
+            errors.append(f"option {key!r} must be true or false, got {opts[key]!r}")
     if not isinstance(opts["preserve_rng_state"], bool):
         errors.append(f"option 'preserve_rng_state' must be true or false, got {opts['preserve_rng_state']!r}")
     return errors
@@ -184,6 +187,12 @@ def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str
             return ["option lean_mlp needs SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU; plain or vanilla-LoRA "
                     f"projections without dropout); {type(getattr(layers[0], 'mlp', None)).__name__} is not one: "
                     "set lean_mlp=False"]
+    if opts["lean_norm"]:
+        from ._lean_norm import layer_norms
+
+        if not any(layer_norms(layer) for layer in layers):
+            return [f"option lean_norm needs Llama-style RMSNorms in the layers (transformers' LlamaRMSNorm code); "
+                    f"{type(layers[0]).__name__} has none: set lean_norm=False"]
     return []
 
 
@@ -246,7 +255,7 @@ def _offloader(opts: dict[str, Any]) -> Any:
 def _apply(model: Any, args: Any, opts: dict[str, Any]) -> _Patch:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from . import _lean_mlp, _offload
+    from . import _lean_mlp, _lean_norm, _offload
 
     kwargs = _ckpt_kwargs(args)
     opts = dict(opts)
@@ -285,6 +294,9 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> _Patch:
                     mlp.forward = lean
                 if opts["mlp_chunks"]:  # tiles whichever forward is in place (the lean one included)
                     mlp.forward = _offload.make_tiled_forward(mlp, opts["mlp_chunks"])
+            for norm in _lean_norm.layer_norms(module) if opts["lean_norm"] else ():
+                patch.saved.append((norm, {"forward": norm.__dict__.get("forward", _MISSING)}))
+                norm.forward = _lean_norm.make_lean_forward(norm)
         else:
             # A non-layer module with the flag (e.g. LlamaModel): set it as HF does, so its use_cache
             # handling matches; if an older-style model checkpoints from there, it gets torch's checkpoint.
