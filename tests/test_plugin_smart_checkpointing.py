@@ -193,7 +193,7 @@ def test_lean_norm_refusal_and_undo(tok):
         layer.input_layernorm = layer.post_attention_layernorm = torch.nn.LayerNorm(layer.mlp.up_proj.in_features)
     with pytest.raises(PluginError, match="lean_norm needs Llama-style RMSNorms"):
         sft_plugins.compose([NAME], options={NAME: {"lean_norm": True}}).prepare(model=model)
-    with pytest.raises(PluginError, match="'lean_norm' must be true or false"):
+    with pytest.raises(PluginError, match="'lean_norm' must be true, false or \"auto\""):
         sft_plugins.compose([NAME], options={NAME: {"lean_norm": "yes"}}).prepare(model=_model(tok, layers=2))
 
 
@@ -450,8 +450,10 @@ def test_trainer_full_finetuning_parity(tok):
 
     (a, _, ma), (b, calls, mb) = train([]), train([NAME])
     assert calls == 40 and len(a) == 20 and a == pytest.approx(b, rel=1e-5)
+    # the fused norm and MLP sum in another order: gradients equal to fp32 rounding, which Adam's m/sqrt(v)
+    # scales up on entries whose gradient is near zero (a few embedding rows end ~1e-5 apart)
     for p, q in zip(ma.parameters(), mb.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=2e-5)
 
 
 def test_checkpointing_re_enabled_after_prepare_is_caught(tok):
@@ -667,7 +669,7 @@ def test_gpu_lean_mlp_bf16_lora_same_loss_less_memory(tok):
     """The lean recompute gives the same losses to bf16 rounding and a lower backward peak by several
     [tokens, intermediate] tensors (more with its product in row chunks: 4096 tokens make 4)."""
     tokens, inter, hidden = 4096, 4096, 128
-    plain_losses, plain_peak = _gpu_bf16_lora_backward(tok, {}, tokens, inter, hidden)
+    plain_losses, plain_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": False}, tokens, inter, hidden)
     lean_losses, lean_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True}, tokens, inter, hidden)
     for a, b in zip(plain_losses, lean_losses):
         assert abs(a - b) <= 2e-2 * abs(a)
@@ -680,7 +682,8 @@ def test_gpu_lean_norm_bf16_lora_same_loss_less_memory(tok):
     """The fused RMSNorm keeps no fp32 copy of its input: on top of the lean MLP, the backward peak drops by at
     least one fp32 [tokens, hidden] tensor, with the same losses to bf16 rounding."""
     tokens, inter, hidden = 4096, 1024, 1024
-    mlp_losses, mlp_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True}, tokens, inter, hidden)
+    mlp_losses, mlp_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True, "lean_norm": False}, tokens, inter,
+                                                   hidden)
     both_losses, both_peak = _gpu_bf16_lora_backward(tok, {"lean_mlp": True, "lean_norm": True}, tokens, inter,
                                                      hidden)
     for a, b in zip(mlp_losses, both_losses):

@@ -117,10 +117,10 @@ def _lora_dy_b(dy: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.
 
 def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: list, proj: _Proj, ts: list[torch.Tensor],
                      need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool,
-                     dybs: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+                     dybs: list[torch.Tensor] | None = None, dx_into: torch.Tensor | None = None) -> torch.Tensor | None:
     """Fills ``grads`` for the projection's tensors in fp32 (adding to what is there: row chunks); returns
-    d(input) when ``want_dx``. ``inp`` may be None when no gradient that needs it is wanted; ``dybs`` are the
-    ``dy @ B_k`` products when already made."""
+    d(input) when ``want_dx`` (added into ``dx_into`` when given). ``inp`` may be None when no gradient that
+    needs it is wanted; ``dybs`` are the ``dy @ B_k`` products when already made."""
 
     def put(i: int, value: torch.Tensor) -> None:
         grads[i] = value.float() if grads[i] is None else grads[i].add_(value)
@@ -129,7 +129,12 @@ def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: list, proj
         put(proj.weight, dy.t() @ inp)
     if proj.bias is not None and need[proj.bias]:
         put(proj.bias, dy.sum(0))
-    dx = dy @ ts[proj.weight].to(cd) if want_dx else None
+    if not want_dx:
+        dx = None
+    elif dx_into is None:
+        dx = dy @ ts[proj.weight].to(cd)
+    else:
+        dx = dx_into.addmm_(dy, ts[proj.weight].to(cd))
     for (ia, ib, s), xa, dyb in zip(proj.loras, xas, dybs if dybs is not None else _lora_dy_b(dy, proj, ts, cd)):
         if need[ib]:
             put(ib, (dy.t() @ xa).mul_(s))
@@ -192,9 +197,8 @@ class _LeanSwiGLU(torch.autograd.Function):
                 del dh
             want_dx = ctx.needs_input_grad[0]
             dx = _linear_backward(e, x2, list(xa_g), gate, ts, need, grads, cd, want_dx)
-            dx_up = _linear_backward(g, x2, list(xa_u), up, ts, need, grads, cd, want_dx)
+            _linear_backward(g, x2, list(xa_u), up, ts, need, grads, cd, want_dx, dx_into=dx)  # adds into dx
             if dx is not None:
-                dx.add_(dx_up)
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         grads = [None if grad is None else grad.to(t.dtype) for grad, t in zip(grads, ts)]
         return (dx, None, *grads)

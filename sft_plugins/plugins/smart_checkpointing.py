@@ -46,10 +46,11 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "mlp_chunks": "auto",        # >0: in the recompute, run each layer's MLP in this many sequence chunks, each
                                  # recomputed in backward (less GPU memory, one more MLP forward per layer);
                                  # "auto": only when GPU memory is short for the MLP (CUDA); 0: never
-    "lean_mlp": False,           # in the recompute, a SwiGLU MLP (plain or LoRA projections) through a fused
-                                 # function keeping 3 [tokens, intermediate] tensors at its peak instead of ~8
-    "lean_norm": False,          # in the recompute, Llama-style RMSNorms through a fused function keeping no
-                                 # fp32 copy of their input (2x a bf16 input, twice per layer)
+    "lean_mlp": "auto",          # in the recompute, a SwiGLU MLP (plain or LoRA projections) through a fused
+                                 # function keeping 2.25 [tokens, intermediate] tensors at its peak instead of
+                                 # ~8; "auto": where the MLP qualifies, True: refuse a model where none does
+    "lean_norm": "auto",         # in the recompute, Llama-style RMSNorms through a fused function keeping no
+                                 # fp32 copy of their input (2x a bf16 input, twice per layer); same values
 }
 _OFFLOAD_MODES = {"auto", "never", "always"}
 # HF/TRL gradient_checkpointing_kwargs we can honour: use_reentrant (ours has its own, exact, mechanics),
@@ -92,8 +93,8 @@ def _option_errors(options: dict[str, Any]) -> list[str]:
             errors.append(f"option {key!r} must be an integer >= {low}{' or auto' if key == 'mlp_chunks' else ''}, "
                           f"got {opts[key]!r}")
     for key in ("lean_mlp", "lean_norm"):
-        if not isinstance(opts[key], bool):
-            errors.append(f"option {key!r} must be true or false, got {opts[key]!r}")
+        if not (isinstance(opts[key], bool) or opts[key] == "auto"):
+            errors.append(f"option {key!r} must be true, false or \"auto\", got {opts[key]!r}")
     if not isinstance(opts["preserve_rng_state"], bool):
         errors.append(f"option 'preserve_rng_state' must be true or false, got {opts['preserve_rng_state']!r}")
     return errors
@@ -180,14 +181,14 @@ def _model_errors(model: Any, options: dict[str, Any] | None = None) -> list[str
     if chunks != "auto" and chunks and any(_mlp_of(layer) is None for layer in layers):
         return [f"option mlp_chunks needs a dense MLP at layer.mlp in every layer (token-wise, e.g. LlamaMLP); "
                 f"{type(layers[0]).__name__} has {type(getattr(layers[0], 'mlp', None)).__name__}: set mlp_chunks=0"]
-    if opts["lean_mlp"]:
+    if opts["lean_mlp"] is True:  # "auto" uses it where it applies, silently
         from ._lean_mlp import _plan
 
         if not any((mlp := _mlp_of(layer)) is not None and _plan(mlp) is not None for layer in layers):
             return ["option lean_mlp needs SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU; plain or vanilla-LoRA "
                     f"projections without dropout); {type(getattr(layers[0], 'mlp', None)).__name__} is not one: "
                     "set lean_mlp=False"]
-    if opts["lean_norm"]:
+    if opts["lean_norm"] is True:
         from ._lean_norm import layer_norms
 
         if not any(layer_norms(layer) for layer in layers):
