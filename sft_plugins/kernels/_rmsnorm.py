@@ -21,13 +21,13 @@ _MAX_BLOCK = 65536
 
 
 @triton.jit
-def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
-                        ROWS_PER_PROG: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps, rows_per_prog,
+                        BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    for i in range(ROWS_PER_PROG):
-        row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROG + i
+    for i in range(rows_per_prog):
+        row = tl.program_id(0).to(tl.int64) * rows_per_prog + i
         if row < n_rows:
             x = tl.load(x_ptr + row * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
@@ -37,14 +37,14 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps,
 
 
 @triton.jit
-def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols,
-                        ROWS_PER_PROG: tl.constexpr, WANT_DW: tl.constexpr, BLOCK: tl.constexpr):
+def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, rows_per_prog,
+                        WANT_DW: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     cmask = cols < n_cols
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(ROWS_PER_PROG):
-        row = tl.program_id(0).to(tl.int64) * ROWS_PER_PROG + i
+    for i in range(rows_per_prog):
+        row = tl.program_id(0).to(tl.int64) * rows_per_prog + i
         if row < n_rows:
             x = tl.load(x_ptr + row * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
             dy = tl.load(dy_ptr + row * n_cols + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -64,7 +64,8 @@ def _use_triton(t: torch.Tensor) -> bool:
 
 
 def _grid(n_rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program): a few programs per SM, so the dW partial sums stay small."""
+    """(programs, rows per program): a few programs per SM, so the dW partial sums stay small. Rows per
+    program is a runtime argument: a new batch shape must not compile a new kernel."""
     if device.type == "cuda":
         target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
     else:
@@ -93,7 +94,7 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[
     if _use_triton(x2):
         programs, per = _grid(x2.shape[0], x.device)
         block = triton.next_power_of_2(x2.shape[1])
-        _rmsnorm_fwd_kernel[(programs,)](x2, weight, y, rstd, x2.shape[0], x2.shape[1], eps, ROWS_PER_PROG=per,
+        _rmsnorm_fwd_kernel[(programs,)](x2, weight, y, rstd, x2.shape[0], x2.shape[1], eps, per,
                                          BLOCK=block, num_warps=_warps(block))
         return y.view(x.shape), rstd
     wf = weight.float()
@@ -117,7 +118,7 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
         programs, per = _grid(n_rows, x.device)
         block = triton.next_power_of_2(n_cols)
         partial = torch.empty((programs, n_cols) if want_dw else (1,), dtype=torch.float32, device=x.device)
-        _rmsnorm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, partial, n_rows, n_cols, ROWS_PER_PROG=per,
+        _rmsnorm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, partial, n_rows, n_cols, per,
                                          WANT_DW=want_dw, BLOCK=block, num_warps=_warps(block))
         return dx.view(x.shape), partial.sum(0) if want_dw else None
     wf = weight.float()
