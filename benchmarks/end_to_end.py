@@ -317,7 +317,7 @@ def merge(paths: list[str]) -> dict[str, Any]:
             old = merged["arms"].get(n)
             if old is not None and old.get("status") == "ok" and r.get("status") != "ok":
                 continue
-            merged["arms"][n] = r
+            merged["arms"][n] = {**r, "from": r.get("from", p)}  # which run measured it
             if n not in merged["order"]:
                 merged["order"].append(n)
     merged["order"] = [n for n in ARMS if n in merged["arms"]] + [n for n in merged["order"] if n not in ARMS]

@@ -20,7 +20,8 @@ _TORCH_CHUNK_ROWS = 1024
 _MAX_BLOCK = 65536
 
 
-@triton.jit
+# no integer specialisation on the row counts: every padded batch shape would compile its own variant
+@triton.jit(do_not_specialize=["n_rows", "rows_per_prog"])
 def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps, rows_per_prog,
                         BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)
@@ -36,7 +37,7 @@ def _rmsnorm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps, rows
             tl.store(rstd_ptr + row, rstd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_prog"])
 def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, n_cols, rows_per_prog,
                         WANT_DW: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.arange(0, BLOCK)

@@ -19,7 +19,7 @@ _BLOCK = 2048
 _TORCH_CHUNK_ROWS = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # one compiled variant for every batch shape
 def _swiglu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -29,7 +29,7 @@ def _swiglu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, BLOCK: tl.constexpr):
     tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _swiglu_bwd_kernel(e_ptr, g_ptr, dh_ptr, n, WRITE_H: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
