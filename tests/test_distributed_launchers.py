@@ -28,8 +28,10 @@ import sft_plugins
 SCRIPT = pathlib.Path(__file__).parent / "distributed" / "train_arms.py"
 STEPS = 4
 FSDP_ARMS = ["fsdp2:baseline", "fsdp2:fused_ce", "fsdp2:fused_ce+padding_free", "fsdp2:fused_ce@tied",
-             "fsdp2_head_unit:fused_ce", "fsdp2_ac:fused_ce"]
-DDP_ARMS = ["ddp:baseline", "ddp:fused_ce", "ddp:fused_ce+padding_free", "ddp:fused_ce@tied"]
+             "fsdp2_head_unit:fused_ce", "fsdp2_ac:fused_ce", "fsdp2:smart_checkpointing",
+             "fsdp2:fused_ce+padding_free+smart_checkpointing"]
+DDP_ARMS = ["ddp:baseline", "ddp:fused_ce", "ddp:fused_ce+padding_free", "ddp:fused_ce@tied",
+            "ddp:smart_checkpointing", "ddp:fused_ce+padding_free+smart_checkpointing"]
 
 
 def _parity_plugins() -> list[str]:
@@ -85,7 +87,9 @@ def _free_port() -> int:
 
 
 def _script_args(out: pathlib.Path, arms: list[str]) -> list[str]:
-    return [str(SCRIPT), "--out", str(out), "--cpu", "--steps", str(STEPS), "--arms", ",".join(arms)]
+    # smart_checkpointing copies every checkpointed input through its host pool, as it does on a GPU
+    return [str(SCRIPT), "--out", str(out), "--cpu", "--steps", str(STEPS), "--arms", ",".join(arms),
+            "--sc-offload", "always"]
 
 
 @pytest.fixture(scope="module")
@@ -165,29 +169,49 @@ def test_fsdp2_matches_ddp(torchrun_runs, arm):
             assert r["kernel_weights"] == [f"{first}(512, 64)->Parameter(512, 64)"]
 
 
+@pytest.mark.parametrize("combo", ["smart_checkpointing", "fused_ce+padding_free+smart_checkpointing"])
+def test_smart_checkpointing_offloads_per_rank_under_fsdp2(torchrun_runs, combo):
+    """Under FSDP2 every layer's recompute runs on the unsharded parameters FSDP swaps in and accumulates
+    into their gradients (which FSDP reduce-scatters); under DDP the parameters are the function's inputs.
+    Each rank offloads its own inputs (host pool, as on a GPU); the trained weights match DDP's
+    (test_fsdp2_matches_ddp)."""
+    for mode in ("ddp", "fsdp2"):
+        for r in torchrun_runs[(mode, combo)]:
+            st = r["smart_checkpointing_stats"]
+            assert st["calls"] == STEPS * 2 and st["plain_calls"] == 0  # the tiny model's 2 layers, every step
+            assert st["fsdp_calls"] == (st["calls"] if mode == "fsdp2" else 0)
+            assert st["host_bytes"] > 0 and st["live"] == 0
+
+
 def _fsdp_args(tmp_path, **kw):
     from trl import SFTConfig
 
-    return SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", fsdp="full_shard",
-                     fsdp_config={"fsdp_version": 2}, **kw)
+    kw.setdefault("fsdp_config", {"fsdp_version": 2})
+    return SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none", fsdp="full_shard", **kw)
 
 
-@pytest.mark.parametrize("plugin, by_args, by_env", [
-    ("smart_checkpointing", "not supported with FSDP.*activation_checkpointing",
-     "not supported with FSDP.*fsdp_activation_checkpointing"),
-    ("adamw_8bit", "FSDP.*drop args.fsdp", "FSDP.*ACCELERATE_USE_FSDP"),
+@pytest.mark.parametrize("plugin, by_args, by_env, env", [
+    ("smart_checkpointing", "FSDP's own activation checkpointing.*drop one",
+     "FSDP's own activation checkpointing.*drop one", {"FSDP_ACTIVATION_CHECKPOINTING": "true"}),
+    ("adamw_8bit", "FSDP.*drop args.fsdp", "FSDP.*ACCELERATE_USE_FSDP", {}),
 ])
-def test_plugins_refuse_fsdp(tmp_path, monkeypatch, plugin, by_args, by_env):
+def test_plugins_refuse_fsdp(tmp_path, monkeypatch, plugin, by_args, by_env, env):
+    """adamw_8bit refuses FSDP; smart_checkpointing refuses FSDP's own activation checkpointing on top of its
+    own (by args or by accelerate's environment)."""
     if plugin == "adamw_8bit":
         pytest.importorskip("bitsandbytes")
     from sft_plugins.embedded import build_model, build_tokenizer
     from trl import SFTConfig
 
     model = build_model(tokenizer=build_tokenizer())
+    args = (_fsdp_args(tmp_path, fsdp_config={"fsdp_version": 2, "activation_checkpointing": True})
+            if plugin == "smart_checkpointing" else _fsdp_args(tmp_path))
     with pytest.raises(sft_plugins.PluginError, match=by_args):
-        sft_plugins.compose([plugin]).prepare(model=model, args=_fsdp_args(tmp_path))
+        sft_plugins.compose([plugin]).prepare(model=model, args=args)
     # FSDP turned on by `accelerate launch --use_fsdp` (environment), args.fsdp unset
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     with pytest.raises(sft_plugins.PluginError, match=by_env):
         sft_plugins.compose([plugin]).prepare(model=model, args=args)

@@ -220,7 +220,7 @@ class Offloader:
         self._live: dict[int, _Entry] = {}  # forward order: the end is what backward needs next
         self._streams: dict[torch.device, Any] = {}
         self.counters = dict(calls=0, saved_bytes=0, host_bytes=0, pageable_bytes=0, kept_bytes=0,
-                             fallback_bytes=0, plain_calls=0)
+                             fallback_bytes=0, plain_calls=0, fsdp_calls=0)
 
     def stats(self) -> dict[str, Any]:
         c = dict(self.counters)
@@ -361,13 +361,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     The layer's trainable parameters are inputs of this function, so their gradients are returned
     through autograd like any other (no reentrant ``.grad`` writes) and LoRA needs no input grads.
+    With ``accumulate`` (FSDP2: the parameters the recompute uses are the unsharded ones FSDP swaps in
+    during it, not the sharded ones seen when the layer is called) the recompute's backward instead
+    accumulates into the ``.grad`` of whatever leaves it used, as reentrant checkpointing does, and FSDP's
+    own hooks reduce-scatter them; ``params`` is then one empty anchor that keeps the graph alive.
     """
 
     @staticmethod
-    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], plan: LayerPlan, x: torch.Tensor,
+    def forward(ctx: Any, run: Callable[[torch.Tensor], Any], plan: LayerPlan, accumulate: bool, x: torch.Tensor,
                 *params: torch.Tensor) -> Any:
         ctx.set_materialize_grads(False)
-        ctx.run, ctx.plan, ctx.params = run, plan, params
+        ctx.run, ctx.plan, ctx.params, ctx.accumulate = run, plan, params, accumulate
         ctx.autocast = _autocast_state(x)
         ctx.autocast_cache = torch.is_autocast_cache_enabled()
         ctx.rng = None
@@ -382,7 +386,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: Any) -> tuple[Any, ...]:
         loaded = ctx.plan.offloader.load(ctx.token)
         x = loaded if loaded is not None else ctx.saved_tensors[0]
-        x = x.detach().requires_grad_(ctx.needs_input_grad[2])
+        need_x = ctx.needs_input_grad[3]
+        x = x.detach().requires_grad_(need_x)
         with ExitStack() as stack:
             if ctx.rng is not None:
                 devices = [x.device] if x.is_cuda else []
@@ -398,16 +403,20 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        wanted = ([x] if ctx.needs_input_grad[2] else []) + [
-            p for p, need in zip(ctx.params, ctx.needs_input_grad[3:]) if need]
+        if ctx.accumulate:
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            ctx.run = ctx.params = None
+            return (None, None, None, x.grad if need_x else None, *[None] * len(ctx.needs_input_grad[4:]))
+        wanted = ([x] if need_x else []) + [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
         grads: Iterable[Any] = [None] * len(wanted)
         if pairs and wanted:
             grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
         it = iter(grads)
-        x_grad = next(it) if ctx.needs_input_grad[2] else None
-        param_grads = [next(it) if need else None for need in ctx.needs_input_grad[3:]]
+        x_grad = next(it) if need_x else None
+        param_grads = [next(it) if need else None for need in ctx.needs_input_grad[4:]]
         ctx.run = ctx.params = None  # drop the closure (masks, position embeddings) early
-        return (None, None, x_grad, *param_grads)
+        return (None, None, None, x_grad, *param_grads)
 
 
 class _TiledMLP(torch.autograd.Function):
@@ -524,6 +533,17 @@ def _requires_grad_anywhere(values: Iterable[Any], depth: int = 2) -> bool:
     return False
 
 
+def _fsdp_sharded(layer: torch.nn.Module, params: list[torch.Tensor]) -> bool:
+    """The layer is an FSDP2 unit, or its parameters are sharded DTensors when it is called."""
+    if any(type(p).__name__ == "DTensor" for p in params):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(layer, FSDPModule)
+
+
 def make_checkpoint_fn(layer: torch.nn.Module, plan: LayerPlan) -> Callable[..., Any]:
     """The ``_gradient_checkpointing_func`` for one layer.
 
@@ -550,7 +570,11 @@ def make_checkpoint_fn(layer: torch.nn.Module, plan: LayerPlan) -> Callable[...,
         def run(h: torch.Tensor) -> Any:
             return function(h, *rest, **kwargs)
 
-        return _OffloadedCheckpoint.apply(run, plan, x, *params)
+        if _fsdp_sharded(layer, params):
+            plan.offloader.counters["fsdp_calls"] += 1
+            anchor = torch.empty(0, device=x.device, requires_grad=True)
+            return _OffloadedCheckpoint.apply(run, plan, True, x, anchor)
+        return _OffloadedCheckpoint.apply(run, plan, False, x, *params)
 
     smart_checkpoint.__qualname__ = f"smart_checkpoint[{plan.slot}]"
     return smart_checkpoint

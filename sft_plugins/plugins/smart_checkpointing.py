@@ -132,12 +132,14 @@ def _args_errors(args: Any) -> list[str]:
     if getattr(args, "deepspeed", None):
         errors.append(f"{NAME} is not supported with DeepSpeed (ZeRO partitions the layer parameters it "
                       "recomputes with): use DeepSpeed's activation checkpointing instead")
-    fsdp = fsdp_requested(args)  # args.fsdp, or accelerate's environment (`accelerate launch --use_fsdp`)
-    if fsdp:
-        how = "fsdp_activation_checkpointing: true in the accelerate config" if fsdp == "env" else \
-            "fsdp_config={'activation_checkpointing': True}"
-        errors.append(f"{NAME} is not supported with FSDP (FSDP2 shards the layer parameters it recomputes "
-                      f"with): use FSDP's own activation checkpointing, {how}")
+    fsdp_config = getattr(args, "fsdp_config", None) or {}
+    from accelerate.utils import parse_flag_from_env
+
+    if fsdp_requested(args) and (fsdp_config.get("activation_checkpointing")
+                                 or fsdp_config.get("fsdp_activation_checkpointing")
+                                 or parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING")):
+        errors.append(f"fsdp_config asks for FSDP's own activation checkpointing, and {NAME} checkpoints the "
+                      f"layers itself: drop one of them")
     return errors
 
 

@@ -19,7 +19,8 @@ stack and records:
 * ``param_sum`` / ``param_sq``: checksums of the full trained parameters (FSDP2 shards are gathered);
 * ``tokens``: tokens trained on, all ranks (TRL's ``num_tokens``); ``tokens_per_s``: that over the
   time of the steps after the first (warm-up); ``step_s``: per-step wall time;
-* ``peak_mem_gb``: peak CUDA memory allocated on this rank (``None`` on CPU).
+* ``peak_mem_gb``: peak CUDA memory allocated on this rank (``None`` on CPU);
+* ``smart_checkpointing_stats``: the offloader's counters, when that plugin is in the arm.
 
 Rank 0 gathers every rank's records and writes ``--out`` (JSON). Modes: ``ddp`` (the trainer's DDP),
 ``fsdp2`` (``fsdp="full_shard"``, ``fsdp_config={"fsdp_version": 2}``: accelerate's ``fully_shard``),
@@ -67,6 +68,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     p.add_argument("--no-grad-ckpt", action="store_true", help="gradient_checkpointing=False (TRL defaults True)")
     p.add_argument("--cpu", action="store_true", help="train on CPU with gloo (the CI setting)")
+    p.add_argument("--sc-offload", default=None, help="smart_checkpointing's offload option (\"always\" copies "
+                   "the checkpointed inputs through the host pool on CPU too)")
     return p.parse_args()
 
 
@@ -192,7 +195,9 @@ def _run_arm(opts: argparse.Namespace, mode: str, combo: str, rank: int, out_dir
     # later trainer in this process would then shard too (FSDP1 by default). Arms are independent.
     saved_env = {k: os.environ.get(k) for k in ("ACCELERATE_USE_FSDP",)}
     try:
-        with sft_plugins.compose(names) as stack:
+        options = ({"smart_checkpointing": {"offload": opts.sc_offload}}
+                   if opts.sc_offload and "smart_checkpointing" in names else None)
+        with sft_plugins.compose(names, options=options) as stack:
             kwargs = stack.prepare(model=model, args=args, train_dataset=dataset, processing_class=tok)
             _PATCH_CALLS.clear()
             _KERNEL_WEIGHTS.clear()
@@ -203,6 +208,10 @@ def _run_arm(opts: argparse.Namespace, mode: str, combo: str, rank: int, out_dir
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), StepTimer()]
             trainer = SFTTrainer(**kwargs)
             trainer.train()
+            if "smart_checkpointing" in names:
+                from sft_plugins.plugins.smart_checkpointing import stats
+
+                record["smart_checkpointing_stats"] = stats(model)
     except Exception as exc:  # recorded: a refusal is a result
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()[-4000:]
