@@ -11,7 +11,10 @@ works on transformers 5.17 and 5.24 alike, and is undone by restoring two attrib
 The function (``_offload.py``) recomputes the layer in backward like torch's checkpoint, but the
 layer's input lives on the host in between (side stream, pinned buffers reused every step, copied
 back one layer ahead). Exactness: the same ops run in the recompute, with the RNG and autocast state
-of the forward, so losses and gradients equal those without checkpointing.
+of the forward, so losses and gradients equal those without checkpointing; the lean recompute
+(``lean_mlp``, ``lean_norm``) runs the SwiGLU MLP and the RMSNorms as fused functions with the same
+math, equal up to summation order. Under FSDP2 the recompute accumulates into the unsharded parameters
+FSDP swaps in, and FSDP reduce-scatters them.
 
 torch and transformers are imported inside functions only: listing plugins stays cheap.
 """
@@ -333,7 +336,7 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
     return {
         "summary": "checkpoint every decoder layer and keep its input in pinned host memory (async copies, "
                    "prefetched in backward), within a host-memory budget",
-        "loss_parity": 1e-5,  # the recompute runs the same ops with the same RNG and autocast state
+        "loss_parity": 1e-5,  # the same math with the same RNG and autocast state (fp32: equal to rounding)
     }
 
 
