@@ -15,7 +15,8 @@ Arms (``--arms``, comma list, or ``set1`` / ``set2`` / ``all``):
   ours, 2k LoRA   ours_fused_ce, ours_smart_checkpointing, ours_padding_free, ours_packing (alone: sdpa's
                   dense block-diagonal mask), ours_packing_padding_free, ours_adamw_8bit, ours_all (all five),
                   ours_all_lean (all five, smart_checkpointing {mlp_chunks: 8, keep_last_on_gpu: 0}),
-                  ours_all_lean_mlp (all five, smart_checkpointing {lean_mlp: true, keep_last_on_gpu: 0}),
+                  ours_all_lean_mlp (all five, smart_checkpointing {lean_mlp: true, lean_norm: false,
+                  keep_last_on_gpu: 0}),
                   ours_all_lean_recompute (the same with lean_norm: true too)
   2k full FT      trl_full_ft (TRL defaults, adamw_torch_fused), ours_all_full_ft (all five); lr 2e-5
   16k LoRA        long_trl_default, long_trl_liger, long_ours_all: batch 1, one 16,383-token sample per
@@ -87,7 +88,8 @@ ARMS: dict[str, dict[str, Any]] = {
     # the least GPU memory: every checkpoint off the GPU, each layer's MLP recomputed in 8 sequence chunks
     "ours_all_lean": _arm(ours=ALL, options={"smart_checkpointing": LEAN}),
     # the lean SwiGLU recompute (3 intermediate-sized tensors at the MLP's peak instead of ~8), no extra pass
-    "ours_all_lean_mlp": _arm(ours=ALL, options={"smart_checkpointing": {"lean_mlp": True, "keep_last_on_gpu": 0}}),
+    "ours_all_lean_mlp": _arm(ours=ALL, options={"smart_checkpointing": {"lean_mlp": True, "lean_norm": False,
+                                                                          "keep_last_on_gpu": 0}}),
     # ... and the fused RMSNorms in the recompute (no fp32 copies of the norms' inputs)
     "ours_all_lean_recompute": _arm(ours=ALL, options={"smart_checkpointing": LEAN_RECOMPUTE}),
     "unsloth_default": _arm("unsloth", peer=True, needs="unsloth"),

@@ -8,12 +8,13 @@ Arms, all on the same random-initialised model with LoRA r=16 on all linear laye
   ``SFTConfig(activation_offloading=True)`` does with TRL's default (non-reentrant) checkpointing.
 - ``trl_offload_reentrant``: the same with reentrant checkpointing (then the recompute in backward
   runs under TRL's hooks too, so its activations are offloaded as well).
-- ``ours``: ``sft_plugins.compose(["smart_checkpointing"])`` with its defaults.
+- ``ours``: ``sft_plugins.compose(["smart_checkpointing"])`` with its defaults (since 2026-12-01c these
+  include the lean recompute, ``lean_mlp``/``lean_norm: "auto"``; earlier results' ``ours`` did not).
 - ``ours_lean`` (1B shape): ``prefetch: 0, keep_last_on_gpu: 0, mlp_chunks: 8``: every input off the GPU
   and brought back on demand, and each layer's MLP recomputed in 8 sequence chunks: the least GPU
   memory, for one more MLP forward per layer and unhidden copies.
-- ``ours_lean_mlp`` (only when named in ``--arms``/``--cap-arms``): ``lean_mlp: true``, the fused SwiGLU
-  recompute; ``ours_lean_recompute`` (the same): ``lean_mlp`` and ``lean_norm``, fused RMSNorms too.
+- ``ours_lean_mlp`` (only when named in ``--arms``/``--cap-arms``): ``lean_mlp: true, lean_norm: false``, the
+  fused SwiGLU recompute alone; ``ours_lean_recompute`` (the same): ``lean_mlp`` and ``lean_norm`` both true.
 
 The loss is a chunked LM head + cross-entropy (each 2k-token chunk checkpointed), the same for every
 arm, so the [tokens x 128k] logits do not hide what the decoder checkpoints cost (TRL's SFTTrainer
@@ -137,7 +138,7 @@ class Stepper:
 OURS_OPTIONS: dict[str, dict[str, Any]] = {
     "ours": {},
     "ours_lean": {"prefetch": 0, "keep_last_on_gpu": 0, "mlp_chunks": 8},
-    "ours_lean_mlp": {"lean_mlp": True},  # the fused SwiGLU recompute; only with --arms / --cap-arms
+    "ours_lean_mlp": {"lean_mlp": True, "lean_norm": False},  # the fused SwiGLU only; only with --arms / --cap-arms
     "ours_lean_recompute": {"lean_mlp": True, "lean_norm": True},  # ... and fused RMSNorms; the same
 }
 ARMS = ("none", "hf", "trl_offload", "trl_offload_reentrant", *OURS_OPTIONS)
