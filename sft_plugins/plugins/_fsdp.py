@@ -1,4 +1,5 @@
-"""Whether the trainer will run under FSDP: one reading for every plugin that must refuse it."""
+"""FSDP, read once for every plugin: whether the trainer will run under it, and whether FSDP2's
+``fully_shard`` has been applied to a module or sharded a tensor (without importing torch.distributed)."""
 
 from __future__ import annotations
 
@@ -15,3 +16,24 @@ def fsdp_requested(args: Any) -> str | None:
     from accelerate.utils import parse_flag_from_env
 
     return "env" if parse_flag_from_env("ACCELERATE_USE_FSDP") else None
+
+
+def is_fsdp_module(module: Any) -> bool:
+    """Whether FSDP2's ``fully_shard`` was applied to ``module``."""
+    return unsharded_class(type(module)) is not type(module)
+
+
+def unsharded_class(kind: type) -> type:
+    """The module's own class under FSDP2: ``fully_shard`` swaps a module's class for a dynamic
+    ``FSDP<Name>(FSDPModule, <Name>)`` subclass (e.g. ``FSDPLinear``); its parameters stay the module's
+    own, sharded as DTensors between forwards. Any other subclass is returned unchanged (and refused
+    where a plain class is needed)."""
+    bases = kind.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[0].__module__.startswith("torch.distributed"):
+        return bases[1]
+    return kind
+
+
+def is_dtensor(t: Any) -> bool:
+    """A DTensor (a sharded parameter, between FSDP2's forwards)."""
+    return type(t).__name__ == "DTensor"

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ._fsdp import unsharded_class
+
 # model_type -> the CausalLM forward computes ``logits = lm_head(hidden)`` followed only by the
 # transforms read from the config (scale, softcap) and ``loss_function``. Checked against the
 # ``*ForCausalLM.forward`` sources of transformers 5.17-5.24; anything else is refused unless the
@@ -119,7 +121,7 @@ def resolve_head(head: Any, *, lora: str) -> Projector:
     """
     import torch
 
-    kind = _unsharded_class(type(head))
+    kind = unsharded_class(type(head))
     module = kind.__module__
     if module.startswith("peft.") and kind.__name__ == "ModulesToSaveWrapper":
         active = list(getattr(head, "active_adapters", []) or [])
@@ -142,22 +144,6 @@ def resolve_head(head: Any, *, lora: str) -> Projector:
         return h, head.weight, head.bias
 
     return project
-
-
-def is_fsdp_module(module: Any) -> bool:
-    """Whether FSDP2's ``fully_shard`` was applied to ``module`` (without importing torch.distributed)."""
-    return _unsharded_class(type(module)) is not type(module)
-
-
-def _unsharded_class(kind: type) -> type:
-    """The module's own class under FSDP2: ``fully_shard`` swaps a module's class for a dynamic
-    ``FSDP<Name>(FSDPModule, <Name>)`` subclass (e.g. ``FSDPLinear``); its parameters stay the module's
-    own, sharded as DTensors between forwards. Any other subclass is returned unchanged (and refused
-    where a plain class is needed)."""
-    bases = kind.__bases__
-    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and bases[0].__module__.startswith("torch.distributed"):
-        return bases[1]
-    return kind
 
 
 def _resolve_lora(layer: Any, *, lora: str) -> Projector:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ._fsdp import is_dtensor, is_fsdp_module
+
 logger = logging.getLogger("sft_plugins")
 
 GiB = 1 << 30
@@ -533,17 +535,6 @@ def _requires_grad_anywhere(values: Iterable[Any], depth: int = 2) -> bool:
     return False
 
 
-def _fsdp_sharded(layer: torch.nn.Module, params: list[torch.Tensor]) -> bool:
-    """The layer is an FSDP2 unit, or its parameters are sharded DTensors when it is called."""
-    if any(type(p).__name__ == "DTensor" for p in params):
-        return True
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(layer, FSDPModule)
-
-
 def make_checkpoint_fn(layer: torch.nn.Module, plan: LayerPlan) -> Callable[..., Any]:
     """The ``_gradient_checkpointing_func`` for one layer.
 
@@ -570,7 +561,8 @@ def make_checkpoint_fn(layer: torch.nn.Module, plan: LayerPlan) -> Callable[...,
         def run(h: torch.Tensor) -> Any:
             return function(h, *rest, **kwargs)
 
-        if _fsdp_sharded(layer, params):
+        # an FSDP2 unit, or parameters sharded by an enclosing one: the recompute will use others
+        if is_fsdp_module(layer) or any(is_dtensor(p) for p in params):
             plan.offloader.counters["fsdp_calls"] += 1
             anchor = torch.empty(0, device=x.device, requires_grad=True)
             return _OffloadedCheckpoint.apply(run, plan, True, x, anchor)

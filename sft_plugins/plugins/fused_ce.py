@@ -42,6 +42,7 @@ from typing import Any, Callable
 from .._errors import PluginError
 from .._markers import hookimpl
 from . import _lm_head
+from ._fsdp import is_dtensor, is_fsdp_module
 
 NAME = "fused_ce"
 DEFAULT_OPTIONS: dict[str, Any] = {
@@ -235,8 +236,8 @@ def _kernel_inputs(model: Any, patch: _Patch, hidden: Any) -> tuple[Any, Any, An
     except _lm_head.UnsupportedHead as exc:
         raise PluginError(f"fused_ce: {exc}") from None
     h, w, b = project(hidden)
-    if type(w).__name__ == "DTensor":
-        if any(_lm_head.is_fsdp_module(m) for m in model.modules()):
+    if is_dtensor(w):
+        if any(is_fsdp_module(m) for m in model.modules()):
             raise PluginError("fused_ce: under FSDP the lm_head weight is still sharded when the kernel reads it "
                               "and no FSDP unit on the lm_head can unshard it: shard the lm_head as its own unit "
                               "or with the model's root (accelerate's FSDP2 default), or drop fused_ce")
@@ -257,8 +258,7 @@ def _unshard_fsdp_head(head: Any) -> None:
     post-backward reduce-scatters (averages) it into the shards like any unit's, and reshards.
     ``full_tensor()`` instead would leave each rank's shard with only its own rank's gradient."""
     for module in head.modules():
-        if _lm_head.is_fsdp_module(module) and any(
-                type(p).__name__ == "DTensor" for p in module.parameters()):
+        if is_fsdp_module(module) and any(is_dtensor(p) for p in module.parameters()):
             module.unshard()
 
 
