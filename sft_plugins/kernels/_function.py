@@ -31,6 +31,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ._backend import triton_runs_on
+
 # The project's target for extra peak memory is 256 MiB; leave room for the per-token vectors.
 _DEFAULT_WORKSPACE_CAP = 240 << 20
 # Fraction of the currently available device memory the workspace may take.
@@ -72,11 +74,7 @@ def _pick_backend(device: torch.device, requested: str | None) -> str:
         import triton  # noqa: F401
     except ImportError:
         return "torch"
-    if device.type == "cuda":
-        return "triton"
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return "triton"
-    return "torch"
+    return "triton" if triton_runs_on(device) else "torch"
 
 
 def _row_fn(backend: str) -> Callable[..., None]:

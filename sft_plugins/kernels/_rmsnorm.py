@@ -10,11 +10,11 @@ torch implementation in row chunks does the same.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._backend import triton_runs_on
 
 _TORCH_CHUNK_ROWS = 1024
 _MAX_BLOCK = 65536
@@ -61,7 +61,7 @@ def _rmsnorm_bwd_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_ptr, n_rows, 
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and t.shape[-1] <= _MAX_BLOCK
+    return triton_runs_on(t.device) and t.shape[-1] <= _MAX_BLOCK
 
 
 def _grid(n_rows: int, device: torch.device) -> tuple[int, int]:

@@ -9,11 +9,11 @@ without it a torch implementation in row chunks does the same.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._backend import triton_runs_on
 
 _BLOCK = 2048
 _TORCH_CHUNK_ROWS = 256
@@ -46,7 +46,7 @@ def _swiglu_bwd_kernel(e_ptr, g_ptr, dh_ptr, n, WRITE_H: tl.constexpr, BLOCK: tl
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton_runs_on(t.device)
 
 
 @torch.no_grad()
