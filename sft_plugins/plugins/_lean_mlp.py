@@ -17,7 +17,7 @@ Used only where a graph is built (the recompute); anything else falls back to th
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,7 +91,7 @@ def _row_chunks(n: int) -> list[slice]:
     return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _linear(inp: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.dtype,
+def _linear(inp: torch.Tensor, proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype,
             out: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
     """``inp @ W.T (+ b) + sum_k s_k (inp @ A_k.T) @ B_k.T`` with the LoRA terms added in place (into
     ``out`` when given: a contiguous [rows, out_features] view)."""
@@ -110,14 +110,15 @@ def _linear(inp: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.dt
     return out, xas
 
 
-def _lora_dy_b(dy: torch.Tensor, proj: _Proj, ts: list[torch.Tensor], cd: torch.dtype) -> list[torch.Tensor]:
+def _lora_dy_b(dy: torch.Tensor, proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype) -> list[torch.Tensor]:
     """``dy @ B_k`` ([N, r]) per LoRA term: what both d(input) and dA need."""
     return [dy @ ts[ib].to(cd) for _, ib, _ in proj.loras]
 
 
-def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: list, proj: _Proj, ts: list[torch.Tensor],
-                     need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool,
-                     dybs: list[torch.Tensor] | None = None, dx_into: torch.Tensor | None = None) -> torch.Tensor | None:
+def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: Sequence[torch.Tensor], proj: _Proj,
+                     ts: Sequence[torch.Tensor], need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool,
+                     dybs: list[torch.Tensor] | None = None,
+                     dx_into: torch.Tensor | None = None) -> torch.Tensor | None:
     """Fills ``grads`` for the projection's tensors in fp32 (adding to what is there: row chunks); returns
     d(input) when ``want_dx`` (added into ``dx_into`` when given). ``inp`` may be None when no gradient that
     needs it is wanted; ``dybs`` are the ``dy @ B_k`` products when already made."""
@@ -153,13 +154,13 @@ class _LeanSwiGLU(torch.autograd.Function):
         gate, up, down = projs
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            e, xa_g = _linear(x2, gate, list(ts), cd)
-            g, xa_u = _linear(x2, up, list(ts), cd)
+            e, xa_g = _linear(x2, gate, ts, cd)
+            g, xa_u = _linear(x2, up, ts, cd)
             y = x2.new_empty((x2.shape[0], ts[down.weight].shape[0]), dtype=cd)
             xa_parts: list[list[torch.Tensor]] = []
             for rows in _row_chunks(x2.shape[0]):
                 h = swiglu_forward(e[rows], g[rows])
-                xa_parts.append(_linear(h, down, list(ts), cd, out=y[rows])[1])
+                xa_parts.append(_linear(h, down, ts, cd, out=y[rows])[1])
                 del h
             xa_d = [torch.cat(parts) for parts in zip(*xa_parts)]
         ctx.projs, ctx.cd, ctx.x_dtype, ctx.x_shape = projs, cd, x.dtype, x.shape
@@ -196,8 +197,8 @@ class _LeanSwiGLU(torch.autograd.Function):
                                  grads, cd, want_dx=False, dybs=[dyb[rows] for dyb in dybs])
                 del dh
             want_dx = ctx.needs_input_grad[0]
-            dx = _linear_backward(e, x2, list(xa_g), gate, ts, need, grads, cd, want_dx)
-            _linear_backward(g, x2, list(xa_u), up, ts, need, grads, cd, want_dx, dx_into=dx)  # adds into dx
+            dx = _linear_backward(e, x2, xa_g, gate, ts, need, grads, cd, want_dx)
+            _linear_backward(g, x2, xa_u, up, ts, need, grads, cd, want_dx, dx_into=dx)  # adds into dx
             if dx is not None:
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         grads = [None if grad is None else grad.to(t.dtype) for grad, t in zip(grads, ts)]
