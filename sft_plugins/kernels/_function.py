@@ -106,9 +106,13 @@ def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int
     rows = max(1, min(n, budget // per_row))
     if n <= rows:
         return max(n, 1)
+    # whole GEMM tiles along the chunk's rows: a chunk just past a tile edge pays for a tile of padding
+    align = int(os.environ.get("SFT_PLUGINS_CE_ROW_ALIGN", "8"))
+    if rows >= align:
+        rows = rows // align * align
     chunks = math.ceil(n / rows)
     balanced = math.ceil(n / chunks)
-    return min(rows, (balanced + 7) // 8 * 8) if balanced >= 8 else balanced
+    return min(rows, -(-balanced // align) * align) if balanced >= align else balanced
 
 
 def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:

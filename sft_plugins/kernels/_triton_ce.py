@@ -21,9 +21,22 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(x):
-    # tanh(x) = 2*sigmoid(2x) - 1; absolute error ~1e-7, which is what matters after * softcap
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+def _tanh(x, MODE: tl.constexpr):
+    # The softcap row kernel is bound by the special-function unit (MUFU), so how tanh is made matters:
+    # 0: 2*sigmoid(2x) - 1 (exp + an IEEE-style divide; portable, the interpreter's path);
+    # 1: the hardware tanh.approx.f32 (one MUFU op, relative error ~2^-11: opt-in only);
+    # 2: 1 - 2/(1 + 2^(2x*log2 e)) with ex2.approx and rcp.approx (two MUFU ops, no divide fix-ups).
+    # 0 and 2 have an absolute error ~1e-7, which is what matters after * softcap.
+    if MODE == 1:
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    elif MODE == 2:
+        e = tl.exp2(x * 2.8853900817779268)  # 2*log2(e); +inf for large x gives tanh = 1 exactly
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e + 1.0], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        return 1.0 - 2.0 * r
+    else:
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -52,6 +65,7 @@ def _ce_rows_kernel(
     HAS_SCALE_PTR: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WANT_STATS: tl.constexpr,
+    TANH: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # rows are strided over the programs: with a grid of a few programs per SM the rows in flight
@@ -73,7 +87,7 @@ def _ce_rows_kernel(
             if HAS_BIAS:
                 x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z = softcap * _tanh(x * u_scale)
+                z = softcap * _tanh(x * u_scale, TANH)
             else:
                 z = x * logit_scale
             zm = tl.where(mask, z, float("-inf"))
@@ -93,7 +107,7 @@ def _ce_rows_kernel(
         if HAS_BIAS:
             xy += tl.load(bias_ptr + label).to(tl.float32)
         if HAS_SOFTCAP:
-            zy = softcap * _tanh(xy * u_scale)
+            zy = softcap * _tanh(xy * u_scale, TANH)
         else:
             zy = xy * logit_scale
         if SMOOTH:
@@ -120,7 +134,7 @@ def _ce_rows_kernel(
                 if HAS_BIAS:
                     x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
-                    th = _tanh(x * u_scale)
+                    th = _tanh(x * u_scale, TANH)
                     z = softcap * th
                 else:
                     z = x * logit_scale
@@ -203,6 +217,7 @@ def ce_rows_triton(
         HAS_SCALE_PTR=scale_t is not None,
         WRITE_GRAD=write_grad,
         WANT_STATS=want_stats,
+        TANH=0 if interpret else int(os.environ.get("SFT_PLUGINS_CE_TANH", "0")),
         BLOCK_V=block,
         num_warps=num_warps,
     )

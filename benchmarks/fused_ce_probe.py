@@ -1,0 +1,203 @@
+"""Probes behind the fused_ce kernel's defaults (H200): what benchmarks/fused_ce.py does not separate.
+
+1. ``gemm``: cuBLAS time per row of the chunk GEMMs (logits = h_c @ W^T, dH = dlogits @ W, and the
+   dW accumulation dW += dlogits^T @ h_c) against the chunk's row count C, for the benchmark's four
+   heads: a C that fills cuBLAS's tiles costs less per row than one just past a tile edge.
+2. ``tanh``: the softcap row kernel with each way of making tanh (``SFT_PLUGINS_CE_TANH``: 0 sigmoid,
+   1 tanh.approx, 2 ex2+rcp.approx) and a few (BLOCK_V, warps): time, and the loss / grad_h error of
+   the whole head against an fp32 reference, with the benchmark's small logits and with wide ones
+   (std ~8, what a trained model produces; that is where an approximate tanh shows).
+3. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
+   share of three profiled steps (sum of kernel times / wall): host gaps show as the difference.
+
+Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,steps] --out FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import fused_ce as bench  # noqa: E402  (benchmarks/fused_ce.py: shapes, reference, inputs)
+
+from sft_plugins.kernels import fused_linear_cross_entropy  # noqa: E402
+
+
+def _ms(fn, reps=10) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def probe_gemm(out: dict) -> None:
+    rows_out = []
+    for name, (N, H, V, _cap) in bench.SHAPES.items():
+        w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
+        dw = torch.zeros(V, H, device="cuda", dtype=bench.DT)
+        max_rows = (240 << 20) // (V * 2 + 4 * H + 32)
+        cands = sorted(set(list(range(128, max_rows + 161, 32)) + [max_rows]))
+        for C in cands:
+            h = torch.randn(C, H, device="cuda", dtype=bench.DT)
+            lg = torch.empty(C, V, device="cuda", dtype=bench.DT)
+            dh = torch.empty(C, H, device="cuda", dtype=bench.DT)
+            t_lg = _ms(lambda: torch.mm(h, w.t(), out=lg))
+            t_dh = _ms(lambda: torch.mm(lg, w, out=dh))
+            t_dw = _ms(lambda: dw.addmm_(lg.t(), h))
+            r = {"shape": name, "H": H, "V": V, "C": C, "within_240MiB": C <= max_rows, "ms_logits": round(t_lg, 4),
+                 "ms_dh": round(t_dh, 4), "ms_dw_addmm": round(t_dw, 4),
+                 "us_per_row_frozen": round(1e3 * (t_lg + t_dh) / C, 3),
+                 "us_per_row_trainable": round(1e3 * (t_lg + t_dh + t_dw) / C, 3),
+                 "tflops_logits": round(2 * C * H * V / t_lg / 1e9, 1)}
+            rows_out.append(r)
+            print(json.dumps(r), flush=True)
+            del h, lg, dh
+        del w, dw
+        torch.cuda.empty_cache()
+    out["gemm"] = rows_out
+
+
+def probe_tanh(out: dict) -> None:
+    from sft_plugins.kernels._triton_ce import ce_rows_triton
+
+    res = []
+    C, V = 461, 256000
+    buf0 = torch.randn(C, V, device="cuda", dtype=bench.DT) * 8
+    buf = buf0.clone()
+    labels = torch.randint(0, V, (C,), device="cuda")
+    rows = torch.arange(C, device="cuda")
+    loss = torch.zeros(C, device="cuda")
+    configs = [(4096, 8), (2048, 4), (4096, 4), (4096, 16), (8192, 16), (2048, 8)]
+    for mode in (0, 1, 2):
+        os.environ["SFT_PLUGINS_CE_TANH"] = str(mode)
+        for blk, nw in configs:
+            os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(blk)
+            os.environ["SFT_PLUGINS_CE_NUM_WARPS"] = str(nw)
+            for cap in (30.0, None):
+                if cap is None and mode:
+                    continue
+
+                def fn():
+                    buf.copy_(buf0)
+                    ce_rows_triton(buf, rows, labels, None, None, loss, None, None, grad_scale=1.0, scale_t=None,
+                                   logit_scale=1.0, softcap=cap, smoothing=0.0, write_grad=True)
+
+                ms = _ms(fn, 20) - _ms(lambda: buf.copy_(buf0), 20)
+                r = {"tanh": mode, "block_v": blk, "num_warps": nw, "softcap": cap, "rows": C, "V": V,
+                     "ms": round(ms, 4), "GB_per_s": round(3 * C * V * 2 / (ms * 1e-3) / 1e9)}
+                res.append(r)
+                print(json.dumps(r), flush=True)
+    for k in ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS"):
+        del os.environ[k]
+    # accuracy of the whole head, gemma2-2b shape, small (benchmark) and wide logits
+    N, H, V, cap = bench.SHAPES["gemma2-2b"]
+    torch.manual_seed(0)
+    w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
+    y = torch.randint(0, V, (N,), device="cuda")
+    y[torch.randperm(N, device="cuda")[: N // 10]] = bench.IGNORE
+    acc = []
+    for label, scale in (("benchmark logits (std ~0.5)", 0.5), ("wide logits (std ~8)", 8.0)):
+        h0 = torch.randn(N, H, device="cuda", dtype=bench.DT) * scale
+        ref_loss, ref_dh, _ = bench.reference(h0, w, y, cap, True)
+        for mode in (0, 1, 2):
+            os.environ["SFT_PLUGINS_CE_TANH"] = str(mode)
+            h = h0.clone().requires_grad_(True)
+            lv = fused_linear_cross_entropy(h, w, y, softcap=cap)
+            lv.backward()
+            r = {"logits": label, "tanh": mode, "loss": float(lv), "ref_loss": ref_loss,
+                 "loss_rel_err": abs(float(lv) - ref_loss) / abs(ref_loss), "grad_h_rel_err": bench.rel(h.grad, ref_dh)}
+            acc.append(r)
+            print(json.dumps(r), flush=True)
+        del h0, ref_dh
+        torch.cuda.empty_cache()
+    del os.environ["SFT_PLUGINS_CE_TANH"]
+    out["tanh"] = {"row_kernel": res, "accuracy": acc}
+
+
+def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    res = []
+    for name in shapes:
+        N, H, V, cap = bench.SHAPES[name]
+        torch.manual_seed(0)
+        w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
+        y = torch.randint(0, V, (N,), device="cuda")
+        y[torch.randperm(N, device="cuda")[: N // 10]] = bench.IGNORE
+        h = (torch.randn(N, H, device="cuda", dtype=bench.DT) * 0.5).requires_grad_(True)
+        for frozen in (True, False):
+            w.requires_grad_(not frozen)
+            for al in align:
+                os.environ["SFT_PLUGINS_CE_ROW_ALIGN"] = al
+
+                def step():
+                    h.grad = None
+                    w.grad = None
+                    fused_linear_cross_entropy(h, w, y, softcap=cap).backward()
+
+                for _ in range(3):
+                    step()
+                torch.cuda.synchronize()
+                times = []
+                for _ in range(20):
+                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s.record()
+                    step()
+                    e.record()
+                    torch.cuda.synchronize()
+                    times.append(round(s.elapsed_time(e), 3))
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        step()
+                    torch.cuda.synchronize()
+                    wall = (time.perf_counter() - t0) * 1e3
+                busy = sum(ev.device_time_total for ev in prof.key_averages() if ev.device_time_total and
+                           not ev.key.startswith(("aten::", "_FusedLinear", "autograd"))) / 1e3
+                r = {"shape": name, "frozen_w": frozen, "row_align": al, "ms_steps": times,
+                     "ms_median": sorted(times)[10], "ms_min": min(times), "kernel_ms_per_step": round(busy / 3, 3),
+                     "profiled_wall_ms_per_step": round(wall / 3, 3)}
+                res.append(r)
+                print(json.dumps(r), flush=True)
+        del w, h, y
+        torch.cuda.empty_cache()
+    os.environ.pop("SFT_PLUGINS_CE_ROW_ALIGN", None)
+    out["steps"] = res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="gemm,tanh,steps")
+    ap.add_argument("--step-shapes", default="llama3.2-1b,gemma2-2b")
+    ap.add_argument("--align", default="8,128", help="SFT_PLUGINS_CE_ROW_ALIGN values for the steps probe")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    out = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "versions": bench.versions(),
+           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    parts = a.parts.split(",")
+    for part in ("gemm", "tanh", "steps"):
+        if part in parts:
+            if part == "steps":
+                probe_steps(out, a.step_shapes.split(","), a.align.split(","))
+            else:
+                globals()[f"probe_{part}"](out)
+            with open(a.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
