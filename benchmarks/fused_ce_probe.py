@@ -7,10 +7,12 @@
    1 tanh.approx, 2 ex2+rcp.approx) and a few (BLOCK_V, warps): time, and the loss / grad_h error of
    the whole head against an fp32 reference, with the benchmark's small logits and with wide ones
    (std ~8, what a trained model produces; that is where an approximate tanh shows).
-3. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
+3. ``rows``: the row kernel alone, plain and softcap chunks: (BLOCK_V, warps), pass 2 forwards or
+   backwards (``SFT_PLUGINS_CE_REVERSE``), L2 eviction hints (``SFT_PLUGINS_CE_L2_HINTS``).
+4. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
    share of three profiled steps (sum of kernel times / wall): host gaps show as the difference.
 
-Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,steps] --out FILE.json
+Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,rows,steps] --out FILE.json
 """
 
 from __future__ import annotations
@@ -128,6 +130,42 @@ def probe_tanh(out: dict) -> None:
     out["tanh"] = {"row_kernel": res, "accuracy": acc}
 
 
+def probe_rows(out: dict) -> None:
+    """The row kernel alone on one chunk of each kind: (BLOCK_V, warps) x pass-2 order x L2 hints."""
+    from sft_plugins.kernels._triton_ce import ce_rows_triton
+
+    res = []
+    os.environ["SFT_PLUGINS_CE_TANH"] = "1"
+    for C, V, cap in ((922, 128256, None), (461, 256000, 30.0)):
+        buf0 = torch.randn(C, V, device="cuda", dtype=bench.DT) * 4
+        buf = buf0.clone()
+        labels = torch.randint(0, V, (C,), device="cuda")
+        rows = torch.arange(C, device="cuda")
+        loss = torch.zeros(C, device="cuda")
+        copy_ms = _ms(lambda: buf.copy_(buf0), 30)
+        for blk, nw in ((8192, 8), (8192, 16), (4096, 8), (4096, 16), (16384, 16), (16384, 32)):
+            for rev in ("0", "1"):
+                for hints in ("0", "1"):
+                    os.environ.update(SFT_PLUGINS_CE_BLOCK_V=str(blk), SFT_PLUGINS_CE_NUM_WARPS=str(nw),
+                                      SFT_PLUGINS_CE_REVERSE=rev, SFT_PLUGINS_CE_L2_HINTS=hints)
+
+                    def fn():
+                        buf.copy_(buf0)
+                        ce_rows_triton(buf, rows, labels, None, None, loss, None, None, grad_scale=1.0,
+                                       scale_t=None, logit_scale=1.0, softcap=cap, smoothing=0.0, write_grad=True)
+
+                    ms = _ms(fn, 30) - copy_ms
+                    r = {"rows": C, "V": V, "softcap": cap, "block_v": blk, "num_warps": nw, "reverse": rev == "1",
+                         "l2_hints": hints == "1", "ms": round(ms, 4), "GB_per_s": round(3 * C * V * 2 / (ms * 1e-3) / 1e9)}
+                    res.append(r)
+                    print(json.dumps(r), flush=True)
+        del buf0, buf
+    for k in ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_REVERSE", "SFT_PLUGINS_CE_L2_HINTS",
+              "SFT_PLUGINS_CE_TANH"):
+        del os.environ[k]
+    out["rows"] = res
+
+
 def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -189,7 +227,7 @@ def main() -> None:
     out = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "versions": bench.versions(),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     parts = a.parts.split(",")
-    for part in ("gemm", "tanh", "steps"):
+    for part in ("gemm", "tanh", "rows", "steps"):
         if part in parts:
             if part == "steps":
                 probe_steps(out, a.step_shapes.split(","), a.align.split(","))

@@ -66,6 +66,8 @@ def _ce_rows_kernel(
     WRITE_GRAD: tl.constexpr,
     WANT_STATS: tl.constexpr,
     TANH: tl.constexpr,
+    REVERSE: tl.constexpr,
+    L2_HINTS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # rows are strided over the programs: with a grid of a few programs per SM the rows in flight
@@ -83,7 +85,10 @@ def _ce_rows_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
-            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            if L2_HINTS:  # keep the row in L2 for pass 2
+                x = tl.load(base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            else:
+                x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
@@ -127,10 +132,16 @@ def _ce_rows_kernel(
                 g = g * tl.load(scale_ptr).to(tl.float32)
             if HAS_ROW_SCALE:
                 g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
-            for start in range(0, V, BLOCK_V):
+            n_blocks = tl.cdiv(V, BLOCK_V)
+            for i in range(0, n_blocks):
+                # backwards: the end of the row, read last in pass 1, is the likeliest still in L2
+                start = (n_blocks - 1 - i) * BLOCK_V if REVERSE else i * BLOCK_V
                 offs = start + tl.arange(0, BLOCK_V)
                 mask = offs < V
-                x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+                if L2_HINTS:
+                    x = tl.load(base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
@@ -218,6 +229,8 @@ def ce_rows_triton(
         WRITE_GRAD=write_grad,
         WANT_STATS=want_stats,
         TANH=0 if interpret else int(os.environ.get("SFT_PLUGINS_CE_TANH", "0")),
+        REVERSE=os.environ.get("SFT_PLUGINS_CE_REVERSE", "0") == "1",
+        L2_HINTS=not interpret and os.environ.get("SFT_PLUGINS_CE_L2_HINTS", "0") == "1",
         BLOCK_V=block,
         num_warps=num_warps,
     )
