@@ -7,8 +7,9 @@ label smoothing need; pass 2 (only when gradients are wanted) streams it again a
 logits *in place* with d(loss_row)/d(logits), so no second [C, V] buffer exists.
 
 Works unchanged under ``TRITON_INTERPRET=1`` on CPU tensors (only elementwise ops and reductions;
-no ``tl.dot``, no libdevice: tanh is written with ``tl.sigmoid`` because libdevice's import path
-differs between Triton 3.6 and 3.9 and does not exist in the interpreter).
+no ``tl.dot``, no libdevice: tanh is written with ``tl.sigmoid`` there because libdevice's import path
+differs between Triton 3.6 and 3.9 and does not exist in the interpreter; on CUDA it is the hardware
+``tanh.approx.f32`` through inline PTX).
 """
 
 from __future__ import annotations
@@ -21,20 +22,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _tanh(x, MODE: tl.constexpr):
-    # The softcap row kernel is bound by the special-function unit (MUFU), so how tanh is made matters:
-    # 0: 2*sigmoid(2x) - 1 (exp + an IEEE-style divide; portable, the interpreter's path);
-    # 1: the hardware tanh.approx.f32 (one MUFU op, relative error ~2^-11: opt-in only);
-    # 2: 1 - 2/(1 + 2^(2x*log2 e)) with ex2.approx and rcp.approx (two MUFU ops, no divide fix-ups).
-    # 0 and 2 have an absolute error ~1e-7, which is what matters after * softcap.
-    if MODE == 1:
+def _tanh(x, HW: tl.constexpr):
+    # With softcap the row kernel is bound by the special-function unit (MUFU), so how tanh is made matters.
+    # HW (CUDA default for bf16/fp16 logits): the hardware tanh.approx.f32, one MUFU op, relative error ~2^-11, below the bf16
+    # rounding of the logit it is applied to; on the H200 it cut the softcap row kernel by 30% and left the
+    # loss error at 6.8e-6 vs 6.5e-6 with wide logits (benchmarks/results/fused_ce_probe_h200.json).
+    # Else (interpreter, ROCm, SFT_PLUGINS_CE_TANH=0): 2*sigmoid(2x) - 1, an exp and a divide, abs. error ~1e-7.
+    if HW:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
-    elif MODE == 2:
-        e = tl.exp2(x * 2.8853900817779268)  # 2*log2(e); +inf for large x gives tanh = 1 exactly
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [e + 1.0], dtype=tl.float32,
-                                      is_pure=True, pack=1)
-        return 1.0 - 2.0 * r
     else:
         return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
@@ -65,9 +61,8 @@ def _ce_rows_kernel(
     HAS_SCALE_PTR: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     WANT_STATS: tl.constexpr,
-    TANH: tl.constexpr,
+    HW_TANH: tl.constexpr,
     REVERSE: tl.constexpr,
-    L2_HINTS: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # rows are strided over the programs: with a grid of a few programs per SM the rows in flight
@@ -85,14 +80,11 @@ def _ce_rows_kernel(
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
-            if L2_HINTS:  # keep the row in L2 for pass 2
-                x = tl.load(base + offs, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            else:
-                x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
-                z = softcap * _tanh(x * u_scale, TANH)
+                z = softcap * _tanh(x * u_scale, HW_TANH)
             else:
                 z = x * logit_scale
             zm = tl.where(mask, z, float("-inf"))
@@ -112,7 +104,7 @@ def _ce_rows_kernel(
         if HAS_BIAS:
             xy += tl.load(bias_ptr + label).to(tl.float32)
         if HAS_SOFTCAP:
-            zy = softcap * _tanh(xy * u_scale, TANH)
+            zy = softcap * _tanh(xy * u_scale, HW_TANH)
         else:
             zy = xy * logit_scale
         if SMOOTH:
@@ -138,14 +130,11 @@ def _ce_rows_kernel(
                 start = (n_blocks - 1 - i) * BLOCK_V if REVERSE else i * BLOCK_V
                 offs = start + tl.arange(0, BLOCK_V)
                 mask = offs < V
-                if L2_HINTS:
-                    x = tl.load(base + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                else:
-                    x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+                x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_SOFTCAP:
-                    th = _tanh(x * u_scale, TANH)
+                    th = _tanh(x * u_scale, HW_TANH)
                     z = softcap * th
                 else:
                     z = x * logit_scale
@@ -161,14 +150,14 @@ def _ce_rows_kernel(
                 tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_v(V: int, interpret: bool) -> int:
+def _block_v(V: int) -> int:
     env = os.environ.get("SFT_PLUGINS_CE_BLOCK_V")
     if env:
         return int(env)
-    # GPU: 4096-wide blocks keep 16 B/lane loads with 8 warps and few loop trips; interpreter:
-    # cost grows with loop trips, so take the whole (small) row in one block
-    cap = 1 << 14 if interpret else 8192
-    return min(triton.next_power_of_2(V), cap)
+    # GPU: 16384-wide blocks with 32 warps (16 elements a lane) were the fastest on the H200, plain and
+    # softcap (benchmarks/results/fused_ce_probe_rows_h200.json); interpreter: cost grows with loop
+    # trips, so take the whole (small) row in one block
+    return min(triton.next_power_of_2(V), 1 << 14)
 
 
 def ce_rows_triton(
@@ -196,8 +185,8 @@ def ce_rows_triton(
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     want_stats = ent_out is not None
     dummy = loss_out  # never read when the matching flag is off
-    block = _block_v(V, interpret)
-    num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or (8 if block >= 4096 else 4)
+    block = _block_v(V)
+    num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or max(4, min(32, block // 512))
     grid = C
     per_sm = int(os.environ.get("SFT_PLUGINS_CE_PROGRAMS_PER_SM", "0"))
     if per_sm > 0:
@@ -228,9 +217,11 @@ def ce_rows_triton(
         HAS_SCALE_PTR=scale_t is not None,
         WRITE_GRAD=write_grad,
         WANT_STATS=want_stats,
-        TANH=0 if interpret else int(os.environ.get("SFT_PLUGINS_CE_TANH", "0")),
-        REVERSE=os.environ.get("SFT_PLUGINS_CE_REVERSE", "0") == "1",
-        L2_HINTS=not interpret and os.environ.get("SFT_PLUGINS_CE_L2_HINTS", "0") == "1",
+        # the approximation only where it is below the rounding of the logits themselves (bf16/fp16)
+        HW_TANH=bool(softcap) and logits.dtype != torch.float32 and not interpret and torch.version.hip is None
+        and os.environ.get("SFT_PLUGINS_CE_TANH", "1") == "1",
+        # backwards pass 2 reads part of the row from L2: -25% time plain; with softcap it was slower
+        REVERSE=os.environ.get("SFT_PLUGINS_CE_REVERSE", "0" if softcap else "1") == "1",
         BLOCK_V=block,
         num_warps=num_warps,
     )

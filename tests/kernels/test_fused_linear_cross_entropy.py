@@ -304,3 +304,23 @@ def test_workspace_is_bounded_and_ignored_rows_skip_the_gemms(monkeypatch):
     h, w, _, y = _inputs(torch.float32, n_ignored=15)
     fused_linear_cross_entropy(_leaf(h), _leaf(w), y.to(DEV), _backend="torch", _chunk_rows=8)
     assert sum(seen) == int((y != -100).sum()) and max(seen) <= 8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the hardware tanh exists on CUDA only")
+def test_hardware_tanh_softcap_matches_the_exact_path(monkeypatch):
+    # bf16 logits with softcap use tanh.approx.f32 on CUDA; wide logits (std ~8, many near the cap)
+    # are where an approximation would show: loss and gradients must agree with the exact path
+    g = torch.Generator().manual_seed(5)
+    n, hd, v = 512, 64, 4096
+    h = (torch.randn(n, hd, generator=g) * 8 / hd**0.5).bfloat16().cuda()
+    w = torch.randn(v, hd, generator=g).bfloat16().cuda()
+    y = torch.randint(0, v, (n,), generator=g).cuda()
+    out = {}
+    for mode in ("1", "0"):
+        monkeypatch.setenv("SFT_PLUGINS_CE_TANH", mode)
+        ho, wo = _leaf(h), _leaf(w)
+        loss = fused_linear_cross_entropy(ho, wo, y, softcap=30.0, _backend="triton")
+        loss.backward()
+        out[mode] = (loss.detach(), ho.grad, wo.grad)
+    assert _rel(out["1"][0], out["0"][0]) < 1e-4
+    assert _rel(out["1"][1], out["0"][1]) < 5e-3 and _rel(out["1"][2], out["0"][2]) < 5e-3
