@@ -121,6 +121,14 @@ def ours_exact_tanh(h, w, y, cap):
         del os.environ["SFT_PLUGINS_CE_TANH"]
 
 
+def _chunk_variant(rows):
+    def fn(h, w, y, cap):
+        return fused_linear_cross_entropy(h, w, y, softcap=cap, _chunk_rows=rows)
+
+    fn.__name__ = f"ours_c{rows}"
+    return fn
+
+
 def gemm_floor(h, w, y, cap, frozen):
     with torch.no_grad():
         lg = h @ w.t()
@@ -306,6 +314,7 @@ def main():
     ap.add_argument("--profile-shape", default="gemma2-2b")
     ap.add_argument("--frozen", default="both", choices=["both", "trainable", "frozen"])
     ap.add_argument("--methods", default="")
+    ap.add_argument("--chunk-variants", default="", help="extra arms ours_c<R>: ours with R rows a chunk, e.g. 320,384")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     meta = {
@@ -331,6 +340,8 @@ def main():
     keep = set(args.methods.split(",")) if args.methods else (
         {m.__name__ for m in all_methods} - {"ours_dw_fp32", "ours_split"})
     methods = [m for m in all_methods if m.__name__ in keep]
+    for rows in filter(None, args.chunk_variants.split(",")):
+        methods.append(_chunk_variant(int(rows)))
     # frozen first: the LoRA case matters most
     frozen_modes = {"both": (True, False), "trainable": (False,), "frozen": (True,)}[args.frozen]
     for frozen in frozen_modes:

@@ -5,6 +5,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/pip.log 2>&1
 export PYTHONUNBUFFERED=1
 T0=$(date +%s); el() { echo "## $(( $(date +%s) - T0 ))s $*"; }
-el bench; timeout 400 python3 benchmarks/fused_ce.py --iters 12 --profile --out $OUT > $OUT/bench.log 2>&1; grep -E "^\| (llama|qwen|gemma)" $OUT/bench.log | head -40
+el bench; timeout 420 python3 benchmarks/fused_ce.py --iters 12 --profile --chunk-variants 320,384,512,864 --out $OUT > $OUT/bench.log 2>&1; grep -E "^\| (llama|qwen|gemma)" $OUT/bench.log | head -40
 el pytest; timeout 120 python3 -m pytest -q -p no:warnings tests/kernels/test_fused_linear_cross_entropy.py tests/test_plugin_fused_ce.py > $OUT/gpu_pytest.log 2>&1; tail -2 $OUT/gpu_pytest.log
 el done
