@@ -9,10 +9,12 @@
    (std ~8, what a trained model produces; that is where an approximate tanh shows).
 3. ``rows``: the row kernel alone, plain and softcap chunks: (BLOCK_V, warps), pass 2 forwards or
    backwards (``SFT_PLUGINS_CE_REVERSE``), L2 eviction hints (``SFT_PLUGINS_CE_L2_HINTS``).
-4. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
+4. ``gaps``: a trace of three steps timed as the benchmark times them: the GPU's idle gaps and the kernels
+   around them, and the host cost of the memory queries made before the first GEMM.
+5. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
    share of three profiled steps (sum of kernel times / wall): host gaps show as the difference.
 
-Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,rows,steps] --out FILE.json
+Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,rows,gaps,steps] --out FILE.json
 """
 
 from __future__ import annotations
@@ -166,6 +168,69 @@ def probe_rows(out: dict) -> None:
     out["rows"] = res
 
 
+def probe_gaps(out: dict, shapes: list[str]) -> None:
+    """Where a step's GPU time goes: a trace of 3 steps timed as benchmarks/fused_ce.py times them (sync
+    between steps), the GPU's idle gaps between kernels, largest first, with the kernels around them,
+    and the host cost of the calls made before the first GEMM."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    res = {"host_us": {}}
+    dev = torch.device("cuda")
+    for label, fn in (("mem_get_info", lambda: torch.cuda.mem_get_info(dev)),
+                      ("memory_reserved+allocated", lambda: (torch.cuda.memory_reserved(dev), torch.cuda.memory_allocated(dev)))):
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        res["host_us"][label] = round((time.perf_counter() - t0) / 50 * 1e6, 1)
+    for name in shapes:
+        N, H, V, cap = bench.SHAPES[name]
+        torch.manual_seed(0)
+        w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
+        y = torch.randint(0, V, (N,), device="cuda")
+        y[torch.randperm(N, device="cuda")[: N // 10]] = bench.IGNORE
+        h = (torch.randn(N, H, device="cuda", dtype=bench.DT) * 0.5).requires_grad_(True)
+
+        def step():
+            h.grad = None
+            fused_linear_cross_entropy(h, w, y, softcap=cap).backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                step()
+                e.record()
+                torch.cuda.synchronize()
+        path = os.path.join(tempfile.mkdtemp(), "trace.json")
+        prof.export_chrome_trace(path)
+        ev = json.load(open(path))["traceEvents"]
+        kern = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e),
+                      key=lambda e: e["ts"])
+        gaps = []
+        for a, b in zip(kern, kern[1:]):
+            g = b["ts"] - (a["ts"] + a["dur"])
+            if g > 0:
+                gaps.append((g, a["name"][:50], b["name"][:50]))
+        gaps.sort(reverse=True)
+        span = kern[-1]["ts"] + kern[-1]["dur"] - kern[0]["ts"]
+        busy = sum(k["dur"] for k in kern)
+        r = {"shape": name, "kernels": len(kern), "span_ms": round(span / 1e3, 3), "busy_ms": round(busy / 1e3, 3),
+             "idle_ms_between_kernels": round(sum(g[0] for g in gaps) / 1e3, 3),
+             "largest_gaps_us": [(round(g[0], 1), g[1], g[2]) for g in gaps[:12]],
+             "gaps_over_50us": sum(1 for g in gaps if g[0] > 50)}
+        res[name] = r
+        print(json.dumps(r), flush=True)
+        del w, h, y
+        torch.cuda.empty_cache()
+    out["gaps"] = res
+
+
 def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -227,9 +292,11 @@ def main() -> None:
     out = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "versions": bench.versions(),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     parts = a.parts.split(",")
-    for part in ("gemm", "tanh", "rows", "steps"):
+    for part in ("gemm", "tanh", "rows", "gaps", "steps"):
         if part in parts:
-            if part == "steps":
+            if part == "gaps":
+                probe_gaps(out, a.step_shapes.split(","))
+            elif part == "steps":
                 probe_steps(out, a.step_shapes.split(","), a.align.split(","))
             else:
                 globals()[f"probe_{part}"](out)
