@@ -632,9 +632,11 @@ def test_gpu_auto_mlp_chunks_tiles_when_memory_is_short_and_stays_exact(tok, mon
     from sft_plugins.plugins import _offload
 
     assert _offload.auto_mlp_chunks(1, _offload.cuda_headroom(torch.device("cuda"))) == 1  # an idle H200
+    # the short cut (no allocator statistics) when the driver's free memory alone is enough
+    assert _offload.cuda_headroom(torch.device("cuda"), enough=1 << 20) >= 1 << 20
     tiled = []
     apply = _offload._TiledMLP.apply
-    monkeypatch.setattr(_offload, "cuda_headroom", lambda device: 0)  # as if the GPU were full: tile
+    monkeypatch.setattr(_offload, "cuda_headroom", lambda device, enough=None: 0)  # as if the GPU were full: tile
     monkeypatch.setattr(_offload._TiledMLP, "apply", lambda *a: (tiled.append(a[1]), apply(*a))[1])
     monkeypatch.setattr(_offload, "_MAX_AUTO_CHUNKS", 4)
     _assert_same(_run(tok, layers=3, steps=4, device="cuda"), _run(tok, {}, layers=3, steps=4, device="cuda"))
