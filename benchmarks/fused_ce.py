@@ -96,29 +96,23 @@ def ours_dw_fp32(h, w, y, cap):
     return fused_linear_cross_entropy(h, w, y, softcap=cap, _dw_accum="fp32")
 
 
-def ours_split(h, w, y, cap):
-    os.environ["SFT_PLUGINS_CE_DH_SPLIT"] = "auto"
-    try:
-        return fused_linear_cross_entropy(h, w, y, softcap=cap)
-    finally:
-        del os.environ["SFT_PLUGINS_CE_DH_SPLIT"]
+def _ours_with_env(name, var, value):
+    """ours with one of the kernel's environment knobs set for the call."""
+    def fn(h, w, y, cap):
+        os.environ[var] = value
+        try:
+            return fused_linear_cross_entropy(h, w, y, softcap=cap)
+        finally:
+            del os.environ[var]
+
+    fn.__name__ = name
+    return fn
 
 
-def ours_ws1g(h, w, y, cap):
-    os.environ["SFT_PLUGINS_CE_WORKSPACE_MB"] = "1024"
-    try:
-        return fused_linear_cross_entropy(h, w, y, softcap=cap)
-    finally:
-        del os.environ["SFT_PLUGINS_CE_WORKSPACE_MB"]
-
-
-def ours_exact_tanh(h, w, y, cap):
-    # softcap rows only: the portable tanh (exp + divide) instead of the hardware tanh.approx
-    os.environ["SFT_PLUGINS_CE_TANH"] = "0"
-    try:
-        return fused_linear_cross_entropy(h, w, y, softcap=cap)
-    finally:
-        del os.environ["SFT_PLUGINS_CE_TANH"]
+ours_split = _ours_with_env("ours_split", "SFT_PLUGINS_CE_DH_SPLIT", "auto")
+ours_ws1g = _ours_with_env("ours_ws1g", "SFT_PLUGINS_CE_WORKSPACE_MB", "1024")
+# softcap rows only: the portable tanh (exp + divide) instead of the hardware tanh.approx
+ours_exact_tanh = _ours_with_env("ours_exact_tanh", "SFT_PLUGINS_CE_TANH", "0")
 
 
 def _chunk_variant(rows):
@@ -188,6 +182,19 @@ def rel(a, b):
 
 
 # ------------------------------------------------------------------------------------- run
+def cuda_times(fn, iters):
+    """Sorted milliseconds of ``iters`` calls, each between CUDA events and followed by a device sync."""
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)
+
+
 def run_case(method, hs, w, y, cap, frozen, ref, iters):
     name = method.__name__
     is_floor = name.startswith("gemm_floor")
@@ -223,15 +230,7 @@ def run_case(method, hs, w, y, cap, frozen, ref, iters):
             out["loss_rel_err"] = abs(lv - ref_loss) / abs(ref_loss)
             out["grad_h_rel_err"] = rel(h.grad, ref_dh)
             out["grad_w_rel_err"] = None if frozen else rel(w.grad, ref_dw)
-        times = []
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            step()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e))
-        times.sort()
+        times = cuda_times(step, iters)
         out["ms_median"] = round(times[len(times) // 2], 3)
         out["ms_min"] = round(times[0], 3)
     except Exception as ex:  # report and go on with the next method

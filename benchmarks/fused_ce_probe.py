@@ -36,16 +36,19 @@ from sft_plugins.kernels import fused_linear_cross_entropy  # noqa: E402
 def _ms(fn, reps=10) -> float:
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    times.sort()
+    times = bench.cuda_times(fn, reps)
     return times[len(times) // 2]
+
+
+def _head_inputs(name: str):
+    """The benchmark's inputs for one head: 10% of labels ignored, hidden states that need a grad."""
+    N, H, V, cap = bench.SHAPES[name]
+    torch.manual_seed(0)
+    w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
+    y = torch.randint(0, V, (N,), device="cuda")
+    y[torch.randperm(N, device="cuda")[: N // 10]] = bench.IGNORE
+    h = (torch.randn(N, H, device="cuda", dtype=bench.DT) * 0.5).requires_grad_(True)
+    return cap, w, y, h
 
 
 def probe_gemm(out: dict) -> None:
@@ -186,12 +189,7 @@ def probe_gaps(out: dict, shapes: list[str]) -> None:
             fn()
         res["host_us"][label] = round((time.perf_counter() - t0) / 50 * 1e6, 1)
     for name in shapes:
-        N, H, V, cap = bench.SHAPES[name]
-        torch.manual_seed(0)
-        w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
-        y = torch.randint(0, V, (N,), device="cuda")
-        y[torch.randperm(N, device="cuda")[: N // 10]] = bench.IGNORE
-        h = (torch.randn(N, H, device="cuda", dtype=bench.DT) * 0.5).requires_grad_(True)
+        cap, w, y, h = _head_inputs(name)
 
         def step():
             h.grad = None
@@ -236,12 +234,7 @@ def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
 
     res = []
     for name in shapes:
-        N, H, V, cap = bench.SHAPES[name]
-        torch.manual_seed(0)
-        w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
-        y = torch.randint(0, V, (N,), device="cuda")
-        y[torch.randperm(N, device="cuda")[: N // 10]] = bench.IGNORE
-        h = (torch.randn(N, H, device="cuda", dtype=bench.DT) * 0.5).requires_grad_(True)
+        cap, w, y, h = _head_inputs(name)
         for frozen in (True, False):
             w.requires_grad_(not frozen)
             for al in align:
@@ -255,14 +248,7 @@ def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
                 for _ in range(3):
                     step()
                 torch.cuda.synchronize()
-                times = []
-                for _ in range(20):
-                    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    s.record()
-                    step()
-                    e.record()
-                    torch.cuda.synchronize()
-                    times.append(round(s.elapsed_time(e), 3))
+                times = [round(t, 3) for t in bench.cuda_times(step, 20)]  # sorted
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     t0 = time.perf_counter()
                     for _ in range(3):
@@ -271,7 +257,7 @@ def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
                     wall = (time.perf_counter() - t0) * 1e3
                 busy = sum(ev.device_time_total for ev in prof.key_averages() if ev.device_time_total and
                            not ev.key.startswith(("aten::", "_FusedLinear", "autograd"))) / 1e3
-                r = {"shape": name, "frozen_w": frozen, "row_align": al, "ms_steps": times,
+                r = {"shape": name, "frozen_w": frozen, "row_align": al, "ms_steps_sorted": times,
                      "ms_median": sorted(times)[10], "ms_min": min(times), "kernel_ms_per_step": round(busy / 3, 3),
                      "profiled_wall_ms_per_step": round(wall / 3, 3)}
                 res.append(r)
