@@ -110,7 +110,7 @@ def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int
     rows = max(1, min(n, budget // per_row))
     if n <= rows:
         return max(n, 1)
-    # whole GEMM tiles along the chunk's rows: a chunk just past a tile edge pays for a tile of padding
+    # rows a multiple of `align`; tile-sized values (64-256) were no faster on the H200 (notes_fused_ce.md)
     align = int(os.environ.get("SFT_PLUGINS_CE_ROW_ALIGN", "8"))
     if rows >= align:
         rows = rows // align * align

@@ -23,11 +23,11 @@ import triton.language as tl
 
 @triton.jit
 def _tanh(x, HW: tl.constexpr):
-    # With softcap the row kernel is bound by the special-function unit (MUFU), so how tanh is made matters.
-    # HW (CUDA default for bf16/fp16 logits): the hardware tanh.approx.f32, one MUFU op, relative error ~2^-11, below the bf16
-    # rounding of the logit it is applied to; on the H200 it cut the softcap row kernel by 30% and left the
-    # loss error at 6.8e-6 vs 6.5e-6 with wide logits (benchmarks/results/fused_ce_probe_h200.json).
-    # Else (interpreter, ROCm, SFT_PLUGINS_CE_TANH=0): 2*sigmoid(2x) - 1, an exp and a divide, abs. error ~1e-7.
+    # With softcap the row kernel is bound by the special-function unit (MUFU): how tanh is made matters.
+    # HW (CUDA, bf16/fp16 logits): the hardware tanh.approx.f32, one MUFU op, relative error ~2^-11, below
+    # the bf16 rounding of the logit it is applied to; on the H200 it cut the softcap row kernel by 30% and
+    # left the loss error at 6.8e-6 vs 6.5e-6 with wide logits (benchmarks/results/fused_ce_probe_h200.json).
+    # Else (fp32, interpreter, ROCm, SFT_PLUGINS_CE_TANH=0): 2*sigmoid(2x) - 1, abs. error ~1e-7.
     if HW:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)
