@@ -19,7 +19,8 @@ cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @
   or ("auto") when it fits half the workspace budget; otherwise partial sums are added in W's dtype
   (one rounding per chunk, ~N/C of them) - an fp32 accumulator for a 128k x 4k head is 2 GB,
   eight times the memory budget. See benchmarks/notes_fused_ce.md for the measured error.
-* Host syncs: one, ``torch.nonzero`` on the label mask (the number of valid rows sizes the loop).
+* Host syncs: one, the number of valid rows (it sizes the loop). It is copied to pinned memory behind the
+  first chunk's GEMM and read after that is queued, so the GPU does not idle for it on large batches.
 """
 
 from __future__ import annotations
@@ -102,12 +103,17 @@ def _workspace_budget(device: torch.device) -> int:
     return _DEFAULT_WORKSPACE_CAP
 
 
-def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int) -> int:
-    """Rows per chunk: as many as the budget allows (bigger GEMMs, fewer dW roundings), balanced."""
+def _max_chunk_rows(V: int, H: int, elt: int, backend: str, budget: int) -> int:
+    """The most rows a chunk may have: its [C, V] logits and two [C, H] row buffers within the budget."""
     per_row = V * elt + 2 * H * elt + 32
     if backend == "torch":
         per_row += 4 * V * 4  # fp32 temporaries of the torch row path
-    rows = max(1, min(n, budget // per_row))
+    return max(1, budget // per_row)
+
+
+def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int) -> int:
+    """Rows per chunk: as many as the budget allows (bigger GEMMs, fewer dW roundings), balanced."""
+    rows = min(n, _max_chunk_rows(V, H, elt, backend, budget))
     if n <= rows:
         return max(n, 1)
     # rows a multiple of `align`; tile-sized values (64-256) were no faster on the H200 (notes_fused_ce.md)
@@ -185,12 +191,48 @@ def _dw_acc_dtype(opts: _Opts, w_dtype: torch.dtype, V: int, H: int, budget: int
     return torch.float32 if V * H * 4 <= budget // 2 else cdt
 
 
+class _ValidRows:
+    """The label mask's valid rows: a permutation with them first (in order), and their count, which the
+    host reads only when the chunk loop needs it. On CUDA the count travels to pinned memory behind the
+    kernels already queued, so the first chunk's GEMM is on the GPU before the host waits for it."""
+
+    def __init__(self, labels: torch.Tensor, ignore_index: int) -> None:
+        valid = labels != ignore_index
+        self.total = labels.numel()
+        self.order = torch.argsort((~valid).to(torch.uint8), stable=True)
+        count = valid.sum()
+        self._event: torch.cuda.Event | None = None
+        self._host = count
+        if count.is_cuda:
+            self._host = torch.empty((), dtype=count.dtype, pin_memory=True)
+            self._host.copy_(count, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def count(self) -> int:
+        if self._event is not None:
+            self._event.synchronize()  # the count's copy only, not the GEMMs queued after it
+        return int(self._host)
+
+
+def _chunk_bounds(n: int, first: int, rows: int) -> list[int]:
+    """Chunk starts/ends over n rows: the first chunk as launched, the rest balanced, at most ``rows`` each."""
+    bounds = [0, min(first, n)]
+    rest = n - bounds[-1]
+    if rest > 0:
+        size = math.ceil(rest / math.ceil(rest / rows))
+        size = min(rows, -(-size // 8) * 8) if size >= 8 else size
+        while bounds[-1] < n:
+            bounds.append(min(bounds[-1] + size, n))
+    return bounds
+
+
 def _chunk_loop(
     h: torch.Tensor,
     w: torch.Tensor,
     bias: torch.Tensor | None,
     labels: torch.Tensor,
-    idx: torch.Tensor,
+    rows_in: _ValidRows | torch.Tensor,
     opts: _Opts,
     w_dtype: torch.dtype,
     *,
@@ -198,21 +240,45 @@ def _chunk_loop(
     need_w: bool,
     need_b: bool,
     row_scale: torch.Tensor | None,
-    grad_scale: float,
+    grad_scale: float | None,
     scale_t: torch.Tensor | None,
     loss_out: torch.Tensor,
     ent_out: torch.Tensor | None,
     top1_out: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Walk the valid rows in chunks. ``rows_in`` is the valid-row index, or a :class:`_ValidRows` whose
+    count is read after the first chunk's GEMM is queued. ``grad_scale=None`` means 1 / the count ("mean").
+    Returns dh, dw, db and the valid-row index."""
     N, H = h.shape
     V = w.shape[0]
     dev, cdt = h.device, h.dtype
-    n_valid = idx.numel()
-    contiguous = n_valid == N  # no ignored rows: slices instead of gathers
     budget = _workspace_budget(dev)
     acc_dtype = _dw_acc_dtype(opts, w_dtype, V, H, budget) if need_w else cdt
     if need_w and acc_dtype != cdt:
         budget = max(budget - V * H * 4, 1 << 20)
+    pending = isinstance(rows_in, _ValidRows)
+    order = rows_in.order if pending else rows_in
+    upper = rows_in.total if pending else rows_in.numel()
+    elt = h.element_size()
+    # Launch the first chunk (as large as allowed) before the count is known only in a batch of at least
+    # 4 chunks: ignored rows could reach its GEMM only if more than 3/4 of the batch were ignored
+    rows = opts.chunk_rows or _max_chunk_rows(V, H, elt, opts.backend, budget)
+    early = pending and upper >= 4 * rows
+    if not early:
+        rows = 0  # planned below, for the count
+    wt = w.t()
+    buf = hc0 = None
+    if early:
+        buf = torch.empty(rows, V, dtype=cdt, device=dev)
+        hc0 = h.index_select(0, order[:rows])
+        torch.mm(hc0, wt, out=buf)
+    n_valid = rows_in.count() if pending else upper
+    idx = order[:n_valid]
+    if not early:
+        rows = min(opts.chunk_rows or _plan_chunk_rows(n_valid, V, H, elt, opts.backend, budget), n_valid)
+    if grad_scale is None:
+        grad_scale = 1.0 / max(n_valid, 1)  # all ignored -> 0 / 1 = 0, not NaN
+    contiguous = n_valid == N  # no ignored rows: the order is the identity, slices instead of gathers
     dh = None
     if need_h:
         dh = (torch.empty if contiguous else torch.zeros)(N, H, dtype=cdt, device=dev)
@@ -220,21 +286,20 @@ def _chunk_loop(
     dw: torch.Tensor | None = None
     write_grad = need_h or need_w or need_b
     if n_valid:
-        rows = opts.chunk_rows or _plan_chunk_rows(
-            n_valid, V, H, h.element_size(), opts.backend, budget
-        )
-        rows = min(rows, n_valid)
-        buf = torch.empty(rows, V, dtype=cdt, device=dev)
+        if buf is None:
+            buf = torch.empty(rows, V, dtype=cdt, device=dev)
         row_fn = _row_fn(opts.backend)
-        leftover = budget - rows * (V * h.element_size() + 2 * H * h.element_size())
+        leftover = budget - rows * (V * elt + 2 * H * elt)
         split = _dh_split(rows, H, V, w, leftover) if need_h else 1
-        wt = w.t()
-        for start in range(0, n_valid, rows):
-            end = min(start + rows, n_valid)
+        bounds = _chunk_bounds(n_valid, rows, rows)
+        for start, end in zip(bounds, bounds[1:]):
             r = idx[start:end]
-            hc = h[start:end] if contiguous else h.index_select(0, r)
             lg = buf[: end - start]
-            torch.mm(hc, wt, out=lg)
+            if start == 0 and hc0 is not None:
+                hc = hc0[: end - start]  # its logits are in buf already
+            else:
+                hc = h[start:end] if contiguous else h.index_select(0, r)
+                torch.mm(hc, wt, out=lg)
             row_fn(
                 lg, r, labels, bias, row_scale, loss_out, ent_out, top1_out,
                 grad_scale=grad_scale, scale_t=scale_t, logit_scale=opts.logit_scale,
@@ -258,10 +323,10 @@ def _chunk_loop(
                     dw.addmm_(lg.t(), hc)  # partial sums added in W's dtype: one rounding a chunk
                 else:
                     dw.add_(torch.mm(lg.t(), hc))  # fp32 accumulator of per-chunk partials
-        del buf
+    del buf, hc0
     if need_w and dw is None:
         dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)
-    return dh, dw, db
+    return dh, dw, db, idx
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -281,10 +346,10 @@ class _FusedLinearCE(torch.autograd.Function):
             h = hidden.to(cdt).contiguous()
             w = weight.to(cdt)
             N = h.shape[0]
-            # The one host sync: the number of valid rows sizes the chunk loop (ignored rows cost
-            # no GEMM work). Everything else stays on the device.
-            idx = torch.nonzero(labels != opts.ignore_index).squeeze(1)
-            n_valid = idx.numel()
+            # The one host read: the number of valid rows sizes the chunk loop (ignored rows cost no
+            # GEMM work). It is read after the first chunk's GEMM is queued (_ValidRows); everything
+            # else stays on the device.
+            valid_rows = _ValidRows(labels, opts.ignore_index)
             loss_rows = torch.zeros(N, dtype=torch.float32, device=dev)
             if opts.want_stats:
                 ent = torch.zeros(N, dtype=torch.float32, device=dev)
@@ -296,21 +361,24 @@ class _FusedLinearCE(torch.autograd.Function):
             eager = not deferred
             # d(logits) already carries the 1/denominator of "mean": backward then only multiplies
             # by grad_output, which a device-side check skips when it is 1 (plain loss.backward())
-            grad_scale, scale_t = 1.0, None
-            inv: float | torch.Tensor = 1.0
+            grad_scale: float | None = 1.0
+            scale_t = None
             if opts.reduction == "mean":
                 if denom is None:
-                    inv = grad_scale = 1.0 / max(n_valid, 1)  # all ignored -> 0 / 1 = 0, not NaN
+                    grad_scale = None  # 1 / the number of valid rows, once the loop knows it
                 else:
-                    inv = scale_t = 1.0 / torch.where(denom == 0, torch.ones_like(denom), denom)
-            dh, dw, db = _chunk_loop(
-                h, w, bias, labels, idx, opts, weight.dtype,
+                    scale_t = 1.0 / torch.where(denom == 0, torch.ones_like(denom), denom)
+            dh, dw, db, idx = _chunk_loop(
+                h, w, bias, labels, valid_rows, opts, weight.dtype,
                 need_h=eager and opts.need_h, need_w=eager and opts.need_w,
                 need_b=eager and opts.need_b, row_scale=None, grad_scale=grad_scale,
                 scale_t=scale_t, loss_out=loss_rows,
                 ent_out=ent if opts.want_stats else None,
                 top1_out=top1 if opts.want_stats else None,
             )
+            inv: float | torch.Tensor = 1.0
+            if opts.reduction == "mean":
+                inv = 1.0 / max(idx.numel(), 1) if scale_t is None else scale_t
             if opts.reduction == "none":
                 out = loss_rows
             elif opts.reduction == "sum":
@@ -336,7 +404,7 @@ class _FusedLinearCE(torch.autograd.Function):
             if ctx.deferred:
                 h, w, bias, labels, idx = ctx.saved_tensors
                 scratch = torch.empty(h.shape[0], dtype=torch.float32, device=dev)
-                dh, dw, db = _chunk_loop(
+                dh, dw, db, _ = _chunk_loop(
                     h, w, bias, labels, idx, opts, w_dtype,
                     need_h=opts.need_h, need_w=opts.need_w, need_b=opts.need_b,
                     row_scale=g_out.float().contiguous(), grad_scale=1.0, scale_t=None,

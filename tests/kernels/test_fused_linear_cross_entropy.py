@@ -324,3 +324,21 @@ def test_hardware_tanh_softcap_matches_the_exact_path(monkeypatch):
         out[mode] = (loss.detach(), ho.grad, wo.grad)
     assert _rel(out["1"][0], out["0"][0]) < 1e-4
     assert _rel(out["1"][1], out["0"][1]) < 5e-3 and _rel(out["1"][2], out["0"][2]) < 5e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_ignored", [0, 8, 35, 40], ids=["none", "some", "most", "all"])
+def test_first_chunk_launched_before_the_count_gives_the_same_result(backend, n_ignored):
+    # N = 40 rows in chunks of 8: a batch of >= 4 chunks, so the first chunk's GEMM is launched before the
+    # count of valid rows is read (with 35 ignored only 5 of its rows are valid; all ignored: none)
+    h, w, b, y = _inputs(torch.float32, n_ignored=n_ignored, bias=True, seed=21)
+    results = []
+    for chunk_rows in (8, N):  # early first chunk vs one chunk planned from the count
+        ho, wo, bo = _leaf(h), _leaf(w), _leaf(b)
+        st = fused_linear_cross_entropy_stats(ho, wo, y.to(DEV), bias=bo, reduction="mean", softcap=5.0,
+                                              _backend=backend, _chunk_rows=chunk_rows)
+        st.loss.backward()
+        results.append([t.detach().cpu() for t in (st.loss, st.entropy, st.is_top1, ho.grad, wo.grad, bo.grad)])
+    for a, b_ in zip(*results):
+        assert torch.isfinite(a.float()).all()
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
