@@ -229,7 +229,7 @@ def probe_gaps(out: dict, shapes: list[str]) -> None:
     out["gaps"] = res
 
 
-def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
+def probe_steps(out: dict, shapes: list[str]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     res = []
@@ -237,34 +237,31 @@ def probe_steps(out: dict, shapes: list[str], align: list[str]) -> None:
         cap, w, y, h = _head_inputs(name)
         for frozen in (True, False):
             w.requires_grad_(not frozen)
-            for al in align:
-                os.environ["SFT_PLUGINS_CE_ROW_ALIGN"] = al
 
-                def step():
-                    h.grad = None
-                    w.grad = None
-                    fused_linear_cross_entropy(h, w, y, softcap=cap).backward()
+            def step():
+                h.grad = None
+                w.grad = None
+                fused_linear_cross_entropy(h, w, y, softcap=cap).backward()
 
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+            times = [round(t, 3) for t in bench.cuda_times(step, 20)]  # sorted
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                t0 = time.perf_counter()
                 for _ in range(3):
                     step()
                 torch.cuda.synchronize()
-                times = [round(t, 3) for t in bench.cuda_times(step, 20)]  # sorted
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    t0 = time.perf_counter()
-                    for _ in range(3):
-                        step()
-                    torch.cuda.synchronize()
-                    wall = (time.perf_counter() - t0) * 1e3
-                busy = sum(ev.device_time_total for ev in prof.key_averages() if ev.device_time_total and
-                           not ev.key.startswith(("aten::", "_FusedLinear", "autograd"))) / 1e3
-                r = {"shape": name, "frozen_w": frozen, "row_align": al, "ms_steps_sorted": times,
-                     "ms_median": sorted(times)[10], "ms_min": min(times), "kernel_ms_per_step": round(busy / 3, 3),
-                     "profiled_wall_ms_per_step": round(wall / 3, 3)}
-                res.append(r)
-                print(json.dumps(r), flush=True)
+                wall = (time.perf_counter() - t0) * 1e3
+            busy = sum(ev.device_time_total for ev in prof.key_averages() if ev.device_time_total and
+                       not ev.key.startswith(("aten::", "_FusedLinear", "autograd"))) / 1e3
+            r = {"shape": name, "frozen_w": frozen, "ms_steps_sorted": times,
+                 "ms_median": times[10], "ms_min": times[0], "kernel_ms_per_step": round(busy / 3, 3),
+                 "profiled_wall_ms_per_step": round(wall / 3, 3)}
+            res.append(r)
+            print(json.dumps(r), flush=True)
         del w, h, y
         torch.cuda.empty_cache()
-    os.environ.pop("SFT_PLUGINS_CE_ROW_ALIGN", None)
     out["steps"] = res
 
 
@@ -272,7 +269,6 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="gemm,tanh,steps")
     ap.add_argument("--step-shapes", default="llama3.2-1b,gemma2-2b")
-    ap.add_argument("--align", default="8,128", help="SFT_PLUGINS_CE_ROW_ALIGN values for the steps probe")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     out = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "versions": bench.versions(),
@@ -283,7 +279,7 @@ def main() -> None:
             if part == "gaps":
                 probe_gaps(out, a.step_shapes.split(","))
             elif part == "steps":
-                probe_steps(out, a.step_shapes.split(","), a.align.split(","))
+                probe_steps(out, a.step_shapes.split(","))
             else:
                 globals()[f"probe_{part}"](out)
             with open(a.out, "w") as f:

@@ -111,18 +111,17 @@ def _max_chunk_rows(V: int, H: int, elt: int, backend: str, budget: int) -> int:
     return max(1, budget // per_row)
 
 
+def _balanced_rows(n: int, rows: int) -> int:
+    """Chunk size for n rows in as few chunks of at most ``rows`` as possible, balanced, rounded up to a
+    multiple of 8 within ``rows`` (tile-sized multiples, 64-256, were no faster on the H200: notes)."""
+    size = math.ceil(n / math.ceil(n / rows))
+    return min(rows, -(-size // 8) * 8) if size >= 8 else size
+
+
 def _plan_chunk_rows(n: int, V: int, H: int, elt: int, backend: str, budget: int) -> int:
     """Rows per chunk: as many as the budget allows (bigger GEMMs, fewer dW roundings), balanced."""
     rows = min(n, _max_chunk_rows(V, H, elt, backend, budget))
-    if n <= rows:
-        return max(n, 1)
-    # rows a multiple of `align`; tile-sized values (64-256) were no faster on the H200 (notes_fused_ce.md)
-    align = int(os.environ.get("SFT_PLUGINS_CE_ROW_ALIGN", "8"))
-    if rows >= align:
-        rows = rows // align * align
-    chunks = math.ceil(n / rows)
-    balanced = math.ceil(n / chunks)
-    return min(rows, -(-balanced // align) * align) if balanced >= align else balanced
+    return max(n, 1) if n <= rows else _balanced_rows(n, rows)
 
 
 def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:
@@ -220,8 +219,7 @@ def _chunk_bounds(n: int, first: int, rows: int) -> list[int]:
     bounds = [0, min(first, n)]
     rest = n - bounds[-1]
     if rest > 0:
-        size = math.ceil(rest / math.ceil(rest / rows))
-        size = min(rows, -(-size // 8) * 8) if size >= 8 else size
+        size = _balanced_rows(rest, rows)
         while bounds[-1] < n:
             bounds.append(min(bounds[-1] + size, n))
     return bounds
