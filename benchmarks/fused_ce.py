@@ -254,7 +254,8 @@ def tune_row_kernel(out_rows):
         buf0 = torch.randn(C, V, device=DEV, dtype=DT)
         cases.append((C, V, cap, buf0, buf0.clone(), torch.randint(0, V, (C,), device=DEV)))
     best = None
-    configs = [(4096, 8, 0), (8192, 8, 0), (8192, 8, 1), (8192, 8, 2), (8192, 16, 1), (16384, 16, 1)]
+    # the kernel's defaults first (16384-wide blocks, 32 warps): --tune must not pick a grid that lacks them
+    configs = [(16384, 32, 0), (4096, 8, 0), (8192, 8, 0), (8192, 16, 0), (8192, 8, 2), (16384, 16, 1)]
     for blk, nw, per_sm in configs:
         os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(blk)
         os.environ["SFT_PLUGINS_CE_NUM_WARPS"] = str(nw)

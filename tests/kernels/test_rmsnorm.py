@@ -5,17 +5,16 @@ Both paths: the Triton kernels (interpreter on CPU, tests/conftest.py) and the c
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from sft_plugins.kernels import _rmsnorm
+from sft_plugins.kernels._backend import triton_runs_on
 from sft_plugins.plugins._lean_norm import is_llama_rmsnorm, lean_rmsnorm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PATHS = ["triton", "torch"] if DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
+PATHS = ["triton", "torch"] if triton_runs_on(torch.device(DEV)) else ["torch"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 

@@ -5,15 +5,14 @@ Both paths: the Triton kernel (interpreter on CPU, tests/conftest.py) and the ch
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from sft_plugins.kernels import _swiglu
+from sft_plugins.kernels._backend import triton_runs_on
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-PATHS = ["triton", "torch"] if DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else ["torch"]
+PATHS = ["triton", "torch"] if triton_runs_on(torch.device(DEV)) else ["torch"]
 TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 
