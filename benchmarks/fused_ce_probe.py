@@ -11,10 +11,12 @@
    backwards (``SFT_PLUGINS_CE_REVERSE``), L2 eviction hints (``SFT_PLUGINS_CE_L2_HINTS``).
 4. ``gaps``: a trace of three steps timed as the benchmark times them: the GPU's idle gaps and the kernels
    around them, and the host cost of the memory queries made before the first GEMM.
-5. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
+5. ``dw``: the trainable head's dW accumulation per chunk: cuBLAS ``addmm_`` vs the Triton kernel's
+   configs (``sft_plugins/kernels/_triton_dw.py``); prints the best config over the four heads.
+6. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
    share of three profiled steps (sum of kernel times / wall): host gaps show as the difference.
 
-Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,rows,gaps,steps] --out FILE.json
+Usage: python benchmarks/fused_ce_probe.py [--parts gemm,tanh,rows,dw,gaps,steps] --out FILE.json
 """
 
 from __future__ import annotations
@@ -265,6 +267,60 @@ def probe_steps(out: dict, shapes: list[str]) -> None:
     out["steps"] = res
 
 
+DW_CONFIGS = [  # (block_m, block_n, block_k, group_m, warps, stages, prefetch_c)
+    (128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 4, 4, 0), (128, 128, 64, 8, 8, 4, 1),
+    (128, 128, 64, 8, 4, 3, 1), (128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 3, 0),
+    (256, 128, 64, 8, 8, 3, 1), (128, 128, 128, 8, 8, 3, 1), (64, 256, 64, 8, 4, 4, 1),
+    (128, 256, 64, 16, 8, 4, 1),
+]
+
+
+def probe_dw(out: dict) -> None:
+    """The trainable head's dW accumulation per chunk, dW[V, H] += G[C, V]^T @ Hs[C, H] in bf16, with C
+    the rows the 240 MiB workspace allows: cuBLAS addmm_ against the Triton kernel's configs; the logits
+    GEMM of the same FLOPs (no C to read) as the yardstick."""
+    from sft_plugins.kernels._triton_dw import DWConfig, dw_addmm_triton
+
+    res = []
+    for name, (N, H, V, _cap) in bench.SHAPES.items():
+        rows = (240 << 20) // (V * 2 + 4 * H + 32)
+        g = torch.randn(rows, V, device="cuda", dtype=bench.DT) * 1e-3
+        hs = torch.randn(rows, H, device="cuda", dtype=bench.DT)
+        w = torch.randn(V, H, device="cuda", dtype=bench.DT)
+        dw = torch.randn(V, H, device="cuda", dtype=bench.DT)
+        r = {"shape": name, "M": V, "N": H, "K": rows,
+             "logits_gemm_ms": _ms(lambda: torch.mm(hs, w.t(), out=g)),
+             "cublas_addmm_ms": _ms(lambda: dw.addmm_(g.t(), hs))}
+        g.normal_().mul_(1e-3)
+        ref = dw.float().addmm_(g.t().float(), hs.float())
+        d2 = dw.clone().addmm_(g.t(), hs)
+        r["cublas_rel_err"] = float((d2.float() - ref).norm() / ref.norm())
+        triton_ms = {}
+        for cfg in DW_CONFIGS:
+            c = DWConfig(*cfg[:6], bool(cfg[6]))
+            key = ",".join(map(str, cfg))
+            try:
+                d2 = dw.clone()
+                dw_addmm_triton(d2, g, hs, c)
+                err = float((d2.float() - ref).norm() / ref.norm())
+                del d2
+                triton_ms[key] = {"ms": _ms(lambda: dw_addmm_triton(dw, g, hs, c)), "rel_err": err}
+            except Exception as e:  # a config that does not fit (shared memory) is skipped
+                triton_ms[key] = {"error": repr(e)[:200]}
+        r["triton"] = triton_ms
+        ok = {k: v["ms"] for k, v in triton_ms.items() if "ms" in v}
+        r["best_triton"] = min(ok, key=ok.get) if ok else None
+        res.append(r)
+        print(json.dumps(r), flush=True)
+        del g, hs, w, dw, ref
+        torch.cuda.empty_cache()
+    out["dw"] = res
+    # one config for all heads: the least total time over the four shapes
+    keys = [k for k in res[0]["triton"] if all("ms" in x["triton"].get(k, {}) for x in res)]
+    if keys:
+        out["dw_best_overall"] = min(keys, key=lambda k: sum(x["triton"][k]["ms"] for x in res))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="gemm,tanh,steps")
@@ -274,7 +330,7 @@ def main() -> None:
     out = {"command": "python " + " ".join(sys.argv), "gpu": torch.cuda.get_device_name(), "versions": bench.versions(),
            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     parts = a.parts.split(",")
-    for part in ("gemm", "tanh", "rows", "gaps", "steps"):
+    for part in ("gemm", "tanh", "rows", "dw", "gaps", "steps"):
         if part in parts:
             if part == "gaps":
                 probe_gaps(out, a.step_shapes.split(","))

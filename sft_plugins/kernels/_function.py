@@ -178,6 +178,17 @@ def _scale_(t: torch.Tensor | None, g: torch.Tensor, backend: str) -> None:
         t.mul_(g.to(t.device))
 
 
+def _dw_gemm(backend: str, device: torch.device) -> str:
+    """Who adds a chunk's dW into the accumulator: cuBLAS addmm_, or the Triton GEMM that reads the
+    accumulator tile while its main loop runs (``_triton_dw``)."""
+    choice = os.environ.get("SFT_PLUGINS_CE_DW_GEMM", "cublas")
+    if choice not in ("auto", "triton", "cublas"):
+        raise ValueError(f"SFT_PLUGINS_CE_DW_GEMM must be 'auto', 'triton' or 'cublas', got {choice!r}")
+    if choice == "auto":
+        return "triton" if backend == "triton" and device.type == "cuda" else "cublas"
+    return "triton" if backend == "triton" else "cublas"
+
+
 def _dw_acc_dtype(opts: _Opts, w_dtype: torch.dtype, V: int, H: int, budget: int) -> torch.dtype:
     cdt = opts.compute_dtype
     if w_dtype == torch.float32 or cdt == torch.float32:
@@ -283,9 +294,21 @@ def _chunk_loop(
     db = torch.zeros(V, dtype=torch.float32, device=dev) if need_b else None
     dw: torch.Tensor | None = None
     write_grad = need_h or need_w or need_b
+    # one read of each logit instead of two (the row kernel's docstring says how); not for what the
+    # per-row factor cannot carry (bias grads, smoothing's dense term) nor fp16, whose range is too short
+    one_pass = (write_grad and not need_b and not opts.smoothing and cdt != torch.float16
+                and os.environ.get("SFT_PLUGINS_CE_ONE_PASS", "1") == "1")
+    rfac = hs_buf = None
+    dw_triton = need_w and _dw_gemm(opts.backend, dev) == "triton"
+    if dw_triton:
+        from ._triton_dw import dw_addmm_triton
     if n_valid:
         if buf is None:
             buf = torch.empty(rows, V, dtype=cdt, device=dev)
+        if one_pass:
+            rfac = torch.empty(rows, dtype=torch.float32, device=dev)
+            if need_w and contiguous:  # h's rows scaled for dW; a gathered chunk is scaled in place
+                hs_buf = torch.empty(rows, H, dtype=cdt, device=dev)
         row_fn = _row_fn(opts.backend)
         leftover = budget - rows * (V * elt + 2 * H * elt)
         split = _dh_split(rows, H, V, w, leftover) if need_h else 1
@@ -298,30 +321,42 @@ def _chunk_loop(
             else:
                 hc = h[start:end] if contiguous else h.index_select(0, r)
                 torch.mm(hc, wt, out=lg)
+            rf = None if rfac is None else rfac[: end - start, None]
             row_fn(
                 lg, r, labels, bias, row_scale, loss_out, ent_out, top1_out,
                 grad_scale=grad_scale, scale_t=scale_t, logit_scale=opts.logit_scale,
                 softcap=opts.softcap, smoothing=opts.smoothing, write_grad=write_grad,
+                rfac_out=None if rf is None else rf[:, 0],
             )
             if need_b:
                 db += lg.sum(0, dtype=torch.float32)
             if need_h:
                 if contiguous and split == 1:
                     torch.mm(lg, w, out=dh[start:end])
-                elif contiguous:
-                    dh[start:end] = _mm_dh(lg, w, split)
+                    if rf is not None:
+                        dh[start:end].mul_(rf)  # fp32 factor, one rounding to W's dtype
                 else:
-                    dh.index_copy_(0, r, _mm_dh(lg, w, split))
+                    part = _mm_dh(lg, w, split)
+                    if rf is not None:
+                        part.mul_(rf)
+                    if contiguous:
+                        dh[start:end] = part
+                    else:
+                        dh.index_copy_(0, r, part)
+            if need_w and rf is not None:
+                hc = torch.mul(hc, rf, out=hc if hs_buf is None else hs_buf[: end - start])
             if need_w:
                 if dw is None:
                     dw = torch.mm(lg.t(), hc)  # cuBLAS: fp32 accumulation over the C rows
                     if acc_dtype != cdt:
                         dw = dw.to(acc_dtype)
+                elif dw_triton:
+                    dw_addmm_triton(dw, lg, hc)  # fp32 over the chunk, one rounding to dw's dtype
                 elif dw.dtype == cdt:
                     dw.addmm_(lg.t(), hc)  # partial sums added in W's dtype: one rounding a chunk
                 else:
                     dw.add_(torch.mm(lg.t(), hc))  # fp32 accumulator of per-chunk partials
-    del buf, hc0
+    del buf, hc0, hs_buf
     if need_w and dw is None:
         dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)
     return dh, dw, db, idx

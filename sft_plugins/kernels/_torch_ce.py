@@ -1,8 +1,9 @@
 """Pure-torch twin of ``_triton_ce.ce_rows_triton`` (CPU without ``TRITON_INTERPRET``, or forced).
 
 Same contract: fill per-token loss / entropy / top-1 at ``rows`` and, if asked, overwrite the logits
-chunk in place with d(loss_row)/d(logits). Works in fp32 on a copy of the chunk (the chunk size is
-planned with these temporaries counted, see ``_function._plan_chunk_rows``).
+chunk in place with d(loss_row)/d(logits) (with ``rfac_out``: up to a per-row factor, written there).
+Works in fp32 on a copy of the chunk (the chunk size is planned with these temporaries counted, see
+``_function._plan_chunk_rows``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def ce_rows_torch(
     softcap: float | None,
     smoothing: float,
     write_grad: bool,
+    rfac_out: torch.Tensor | None = None,
 ) -> None:
     C, V = logits.shape
     if C == 0:
@@ -51,7 +53,22 @@ def ce_rows_torch(
         ent_out.index_copy_(0, rows, lse - (p * z).sum(-1))
         # same rule as the Triton kernel: a tie with the max counts as a hit
         top1_out.index_copy_(0, rows, (zy >= z.amax(-1)).to(top1_out.dtype))
-    if write_grad:
+    if write_grad and rfac_out is not None:
+        # the Triton one-pass contract: exp(z - max) * dz/dx with the label's entry (e_y - sum) * dz/dx,
+        # and g / sum per row in rfac_out
+        e = torch.exp(z - z.amax(-1, keepdim=True))
+        s = e.sum(-1)
+        e.scatter_add_(1, y[:, None], -s[:, None])
+        if th is not None:
+            e *= 1.0 - th * th
+        g = torch.full_like(s, logit_scale * grad_scale)
+        if scale_t is not None:
+            g *= scale_t.float()
+        if row_scale is not None:
+            g *= row_scale.index_select(0, rows).float()
+        rfac_out.copy_(g / s)
+        logits.copy_(e)
+    elif write_grad:
         d = p
         if smoothing:
             d -= smoothing / V

@@ -150,6 +150,104 @@ def _ce_rows_kernel(
                 tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+# A row whose max rises this far above the reference its values are stored against is re-based: the
+# stored exp(z - ref) then stays below e^60 and its sum below V * e^60 (fp32 and bf16 reach e^88).
+_REBASE = 60.0
+
+
+@triton.jit
+def _ce_rows_one_pass_kernel(
+    logits_ptr,  # [C, V] chunk (bf16/fp32); overwritten with s_row * d(loss_row)/d(logits) / g_row
+    stride_row,
+    rows_ptr,  # [C] int64: the chunk row's index into the full-N outputs and labels
+    labels_ptr,  # [N] int: labels of the full batch
+    row_scale_ptr,  # [N] fp32 per-token upstream grad or dummy
+    scale_ptr,  # 0-dim fp32 on the device (1 / num_items_in_batch) or dummy
+    loss_ptr,  # [N] fp32 out: per-token loss
+    ent_ptr,  # [N] fp32 out: entropy (WANT_STATS)
+    top1_ptr,  # [N] uint8 out: label is the argmax (WANT_STATS)
+    rfac_ptr,  # [C] fp32 out: the row's factor g_row / s_row that turns the stored values into d(logits)
+    C,
+    V,
+    logit_scale,
+    u_scale,
+    grad_scale,
+    softcap,
+    rebase,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_ROW_SCALE: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr,
+    WANT_STATS: tl.constexpr,
+    HW_TANH: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # One read and one write of the row instead of two reads and a write. The softmax needs the row's
+    # log-sum-exp before a probability can be written; unnormalised values do not: exp(z - ref) against
+    # a reference known from the first block, times dz/dx, and the row's 1/sum goes into a per-row
+    # factor that the host applies to the (small) GEMM operands/outputs instead: dH = diag(r) (E @ W),
+    # dW = E^T @ diag(r) h. A row whose max later climbs more than `rebase` above the reference
+    # (rare: the first block already holds thousands of logits) rescales what it wrote and moves on.
+    for row in range(tl.program_id(0), C, tl.num_programs(0)):
+        out_row = tl.load(rows_ptr + row)
+        label = tl.load(labels_ptr + out_row).to(tl.int64)
+        base = logits_ptr + (tl.full([], 0, tl.int64) + row) * stride_row  # int64 offsets
+        xy = tl.load(base + label).to(tl.float32)  # before the pass overwrites it
+
+        ref = float("-inf")
+        m = float("-inf")
+        s = 0.0
+        t = 0.0  # sum exp(z - ref) * z, for the entropy
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_SOFTCAP:
+                th = _tanh(x * u_scale, HW_TANH)
+                z = softcap * th
+            else:
+                z = x * logit_scale
+            zm = tl.where(mask, z, float("-inf"))
+            m = tl.maximum(m, tl.max(zm, 0))
+            if m > ref + rebase:  # the first block, or a rare jump: re-base what is written so far
+                alpha = tl.exp(ref - m)
+                s = s * alpha
+                t = t * alpha
+                for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
+                    po = prev + tl.arange(0, BLOCK_V)
+                    old = tl.load(base + po).to(tl.float32)
+                    tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
+                ref = m
+            e = tl.exp(zm - ref)  # masked lanes: 0
+            s += tl.sum(e, 0)
+            if WANT_STATS:
+                t += tl.sum(tl.where(mask, e * z, 0.0), 0)
+            if HAS_SOFTCAP:
+                e = e * (1.0 - th * th)
+            tl.store(base + offs, e.to(logits_ptr.dtype.element_ty), mask=mask)
+        lse = ref + tl.log(s)
+
+        if HAS_SOFTCAP:
+            thy = _tanh(xy * u_scale, HW_TANH)
+            zy = softcap * thy
+            dy = 1.0 - thy * thy
+        else:
+            zy = xy * logit_scale
+            dy = 1.0
+        tl.store(loss_ptr + out_row, lse - zy)
+        if WANT_STATS:
+            tl.store(ent_ptr + out_row, lse - t / s)
+            tl.store(top1_ptr + out_row, (zy >= m).to(tl.uint8))  # a tie counts as a hit
+        g = logit_scale * grad_scale
+        if HAS_SCALE_PTR:
+            g = g * tl.load(scale_ptr).to(tl.float32)
+        if HAS_ROW_SCALE:
+            g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+        tl.store(rfac_ptr + row, g / s)  # s >= 1: the max element contributes exp(m - ref) >= 1
+        # the label's entry, p_y - 1 in units of 1/s; another lane wrote it in the pass: wait for it
+        tl.debug_barrier()
+        tl.store(base + label, ((tl.exp(zy - ref) - s) * dy).to(logits_ptr.dtype.element_ty))
+
+
 def _block_v(V: int) -> int:
     env = os.environ.get("SFT_PLUGINS_CE_BLOCK_V")
     if env:
@@ -176,8 +274,12 @@ def ce_rows_triton(
     softcap: float | None,
     smoothing: float,
     write_grad: bool,
+    rfac_out: torch.Tensor | None = None,
 ) -> None:
-    """Fill loss/entropy/top1 at ``rows`` and (optionally) turn ``logits`` into d(logits) in place."""
+    """Fill loss/entropy/top1 at ``rows`` and (optionally) turn ``logits`` into d(logits) in place.
+
+    With ``rfac_out`` ([C] fp32; needs write_grad, no bias, no smoothing, bf16/fp32 logits) the row is
+    read once: ``logits`` becomes d(logits) up to a per-row factor, which goes to ``rfac_out``."""
     C, V = logits.shape
     if C == 0:
         return
@@ -192,6 +294,23 @@ def ce_rows_triton(
     if per_sm > 0:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
         grid = min(C, per_sm * sms)
+    # the approximation only where it is below the rounding of the logits themselves (bf16/fp16)
+    hw_tanh = (bool(softcap) and logits.dtype != torch.float32 and not interpret and torch.version.hip is None
+               and os.environ.get("SFT_PLUGINS_CE_TANH", "1") == "1")
+    if rfac_out is not None:
+        assert write_grad and bias is None and not smoothing and logits.dtype != torch.float16
+        _ce_rows_one_pass_kernel[(grid,)](
+            logits, logits.stride(0), rows, labels,
+            row_scale if row_scale is not None else dummy,
+            scale_t if scale_t is not None else dummy,
+            loss_out, ent_out if want_stats else dummy, top1_out if want_stats else dummy, rfac_out,
+            C, V, float(logit_scale), float(logit_scale) / float(softcap) if softcap else 1.0,
+            float(grad_scale), float(softcap) if softcap else 1.0, _REBASE,
+            HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
+            HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh,
+            BLOCK_V=block, num_warps=num_warps,
+        )
+        return
     _ce_rows_kernel[(grid,)](
         logits,
         logits.stride(0),
@@ -217,9 +336,7 @@ def ce_rows_triton(
         HAS_SCALE_PTR=scale_t is not None,
         WRITE_GRAD=write_grad,
         WANT_STATS=want_stats,
-        # the approximation only where it is below the rounding of the logits themselves (bf16/fp16)
-        HW_TANH=bool(softcap) and logits.dtype != torch.float32 and not interpret and torch.version.hip is None
-        and os.environ.get("SFT_PLUGINS_CE_TANH", "1") == "1",
+        HW_TANH=hw_tanh,
         # backwards pass 2 reads part of the row from L2: -25% time plain; with softcap it was slower
         REVERSE=os.environ.get("SFT_PLUGINS_CE_REVERSE", "0" if softcap else "1") == "1",
         BLOCK_V=block,
