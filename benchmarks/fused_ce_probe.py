@@ -11,8 +11,8 @@
    backwards (``SFT_PLUGINS_CE_REVERSE``), L2 eviction hints (``SFT_PLUGINS_CE_L2_HINTS``).
 4. ``gaps``: a trace of three steps timed as the benchmark times them: the GPU's idle gaps and the kernels
    around them, and the host cost of the memory queries made before the first GEMM.
-5. ``dw``: the trainable head's dW accumulation per chunk: cuBLAS ``addmm_`` vs the Triton kernel's
-   configs (``sft_plugins/kernels/_triton_dw.py``); prints the best config over the four heads.
+5. ``dw``: the chunk GEMMs (dW accumulation as written and transposed, dH with a bf16 or fp32 output,
+   logits) under cuBLAS and cuBLASLt.
 6. ``steps``: the distribution of whole fwd+bwd step times of ``ours`` (20 steps) and the GPU-busy
    share of three profiled steps (sum of kernel times / wall): host gaps show as the difference.
 
@@ -267,20 +267,13 @@ def probe_steps(out: dict, shapes: list[str]) -> None:
     out["steps"] = res
 
 
-DW_CONFIGS = [  # (block_m, block_n, block_k, group_m, warps, stages, prefetch_c)
-    (128, 128, 64, 8, 4, 4, 1), (128, 128, 64, 8, 4, 4, 0), (128, 128, 64, 8, 8, 4, 1),
-    (128, 128, 64, 8, 4, 3, 1), (128, 256, 64, 8, 8, 3, 1), (128, 256, 64, 8, 8, 3, 0),
-    (256, 128, 64, 8, 8, 3, 1), (128, 128, 128, 8, 8, 3, 1), (64, 256, 64, 8, 4, 4, 1),
-    (128, 256, 64, 16, 8, 4, 1),
-]
-
-
 def probe_dw(out: dict) -> None:
-    """The trainable head's dW accumulation per chunk, dW[V, H] += G[C, V]^T @ Hs[C, H] in bf16, with C
-    the rows the 240 MiB workspace allows: cuBLAS addmm_ against the Triton kernel's configs; the logits
-    GEMM of the same FLOPs (no C to read) as the yardstick."""
-    from sft_plugins.kernels._triton_dw import DWConfig, dw_addmm_triton
-
+    """The chunk GEMMs under cuBLAS's two front ends (``torch.backends.cuda.preferred_blas_library``):
+    the trainable head's dW accumulation per chunk, dW[V, H] += G[C, V]^T @ Hs[C, H] in bf16, as written
+    and as the transposed problem (dW^T += Hs^T @ G); dH = G @ W with a bf16 or an fp32 output; the logits
+    GEMM. C is the rows the 240 MiB workspace allows. (A Triton dW GEMM that loads the dW tile before
+    its K loop was 1.2-1.4x slower than cuBLAS on all four heads: fused_ce_dw_probe_h200.json, commit
+    21908bb.)"""
     res = []
     for name, (N, H, V, _cap) in bench.SHAPES.items():
         rows = (240 << 20) // (V * 2 + 4 * H + 32)
@@ -288,37 +281,24 @@ def probe_dw(out: dict) -> None:
         hs = torch.randn(rows, H, device="cuda", dtype=bench.DT)
         w = torch.randn(V, H, device="cuda", dtype=bench.DT)
         dw = torch.randn(V, H, device="cuda", dtype=bench.DT)
-        r = {"shape": name, "M": V, "N": H, "K": rows,
-             "logits_gemm_ms": _ms(lambda: torch.mm(hs, w.t(), out=g)),
-             "cublas_addmm_ms": _ms(lambda: dw.addmm_(g.t(), hs))}
-        g.normal_().mul_(1e-3)
-        ref = dw.float().addmm_(g.t().float(), hs.float())
-        d2 = dw.clone().addmm_(g.t(), hs)
-        r["cublas_rel_err"] = float((d2.float() - ref).norm() / ref.norm())
-        triton_ms = {}
-        for cfg in DW_CONFIGS:
-            c = DWConfig(*cfg[:6], bool(cfg[6]))
-            key = ",".join(map(str, cfg))
+        lg = torch.empty(rows, V, device="cuda", dtype=bench.DT)
+        r = {"shape": name, "M": V, "N": H, "K": rows}
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            r[f"{lib}_logits_ms"] = _ms(lambda: torch.mm(hs, w.t(), out=lg))
+            r[f"{lib}_dh_ms"] = _ms(lambda: torch.mm(g, w))
             try:
-                d2 = dw.clone()
-                dw_addmm_triton(d2, g, hs, c)
-                err = float((d2.float() - ref).norm() / ref.norm())
-                del d2
-                triton_ms[key] = {"ms": _ms(lambda: dw_addmm_triton(dw, g, hs, c)), "rel_err": err}
-            except Exception as e:  # a config that does not fit (shared memory) is skipped
-                triton_ms[key] = {"error": repr(e)[:200]}
-        r["triton"] = triton_ms
-        ok = {k: v["ms"] for k, v in triton_ms.items() if "ms" in v}
-        r["best_triton"] = min(ok, key=ok.get) if ok else None
+                r[f"{lib}_dh_fp32out_ms"] = _ms(lambda: torch.mm(g, w, out_dtype=torch.float32))
+            except Exception as e:  # noqa: BLE001 - older torch: no out_dtype
+                r[f"{lib}_dh_fp32out_ms"] = repr(e)[:120]
+            r[f"{lib}_dw_addmm_ms"] = _ms(lambda: dw.addmm_(g.t(), hs))
+            r[f"{lib}_dw_addmm_transposed_ms"] = _ms(lambda: dw.t().addmm_(hs.t(), g))
+        torch.backends.cuda.preferred_blas_library("cublas")
         res.append(r)
         print(json.dumps(r), flush=True)
-        del g, hs, w, dw, ref
+        del g, hs, w, dw, lg
         torch.cuda.empty_cache()
     out["dw"] = res
-    # one config for all heads: the least total time over the four shapes
-    keys = [k for k in res[0]["triton"] if all("ms" in x["triton"].get(k, {}) for x in res)]
-    if keys:
-        out["dw_best_overall"] = min(keys, key=lambda k: sum(x["triton"][k]["ms"] for x in res))
 
 
 def main() -> None:

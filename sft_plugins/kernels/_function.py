@@ -178,17 +178,6 @@ def _scale_(t: torch.Tensor | None, g: torch.Tensor, backend: str) -> None:
         t.mul_(g.to(t.device))
 
 
-def _dw_gemm(backend: str, device: torch.device) -> str:
-    """Who adds a chunk's dW into the accumulator: cuBLAS addmm_, or the Triton GEMM that reads the
-    accumulator tile while its main loop runs (``_triton_dw``)."""
-    choice = os.environ.get("SFT_PLUGINS_CE_DW_GEMM", "cublas")
-    if choice not in ("auto", "triton", "cublas"):
-        raise ValueError(f"SFT_PLUGINS_CE_DW_GEMM must be 'auto', 'triton' or 'cublas', got {choice!r}")
-    if choice == "auto":
-        return "triton" if backend == "triton" and device.type == "cuda" else "cublas"
-    return "triton" if backend == "triton" else "cublas"
-
-
 def _dw_acc_dtype(opts: _Opts, w_dtype: torch.dtype, V: int, H: int, budget: int) -> torch.dtype:
     cdt = opts.compute_dtype
     if w_dtype == torch.float32 or cdt == torch.float32:
@@ -299,9 +288,8 @@ def _chunk_loop(
     one_pass = (write_grad and not need_b and not opts.smoothing and cdt != torch.float16
                 and os.environ.get("SFT_PLUGINS_CE_ONE_PASS", "1") == "1")
     rfac = hs_buf = None
-    dw_triton = need_w and _dw_gemm(opts.backend, dev) == "triton"
-    if dw_triton:
-        from ._triton_dw import dw_addmm_triton
+    # dH's GEMM writes fp32 so the row factor is applied before rounding (CUDA's mm has out_dtype)
+    dh_fp32 = one_pass and dev.type == "cuda" and os.environ.get("SFT_PLUGINS_CE_DH_OUT", "native") == "fp32"
     if n_valid:
         if buf is None:
             buf = torch.empty(rows, V, dtype=cdt, device=dev)
@@ -331,10 +319,16 @@ def _chunk_loop(
             if need_b:
                 db += lg.sum(0, dtype=torch.float32)
             if need_h:
-                if contiguous and split == 1:
+                if rf is not None and dh_fp32:  # scaled before the one rounding to dh's dtype
+                    part = torch.mm(lg, w, out_dtype=torch.float32).mul_(rf)
+                    if contiguous:
+                        dh[start:end] = part
+                    else:
+                        dh.index_copy_(0, r, part.to(cdt))
+                elif contiguous and split == 1:
                     torch.mm(lg, w, out=dh[start:end])
                     if rf is not None:
-                        dh[start:end].mul_(rf)  # fp32 factor, one rounding to W's dtype
+                        dh[start:end].mul_(rf)  # a second rounding, after the GEMM's
                 else:
                     part = _mm_dh(lg, w, split)
                     if rf is not None:
@@ -350,8 +344,6 @@ def _chunk_loop(
                     dw = torch.mm(lg.t(), hc)  # cuBLAS: fp32 accumulation over the C rows
                     if acc_dtype != cdt:
                         dw = dw.to(acc_dtype)
-                elif dw_triton:
-                    dw_addmm_triton(dw, lg, hc)  # fp32 over the chunk, one rounding to dw's dtype
                 elif dw.dtype == cdt:
                     dw.addmm_(lg.t(), hc)  # partial sums added in W's dtype: one rounding a chunk
                 else:
