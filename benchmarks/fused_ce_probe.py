@@ -7,8 +7,8 @@
    1 tanh.approx, 2 ex2+rcp.approx) and a few (BLOCK_V, warps): time, and the loss / grad_h error of
    the whole head against an fp32 reference, with the benchmark's small logits and with wide ones
    (std ~8, what a trained model produces; that is where an approximate tanh shows).
-3. ``rows``: the row kernel alone, plain and softcap chunks: (BLOCK_V, warps), pass 2 forwards or
-   backwards (``SFT_PLUGINS_CE_REVERSE``), L2 eviction hints (``SFT_PLUGINS_CE_L2_HINTS``).
+3. ``rows``: the row kernel alone, plain and softcap chunks: two-pass at its defaults, one-pass over
+   (BLOCK_V, warps), its first reference (``SFT_PLUGINS_CE_SPEC``) and programs per SM.
 4. ``gaps``: a trace of three steps timed as the benchmark times them: the GPU's idle gaps and the kernels
    around them, and the host cost of the memory queries made before the first GEMM.
 5. ``dw``: the chunk GEMMs (dW accumulation as written and transposed, dH with a bf16 or fp32 output,
@@ -138,38 +138,45 @@ def probe_tanh(out: dict) -> None:
 
 
 def probe_rows(out: dict) -> None:
-    """The row kernel alone on one chunk of each kind: (BLOCK_V, warps) x pass-2 order x L2 hints."""
+    """The row kernel alone on one chunk of each kind (plain and softcap): the two-pass kernel at its
+    defaults, and the one-pass kernel (reference from the first block, or speculative from the label's
+    logit: ``SFT_PLUGINS_CE_SPEC``) over (BLOCK_V, warps) and programs per SM."""
     from sft_plugins.kernels._triton_ce import ce_rows_triton
 
     res = []
-    os.environ["SFT_PLUGINS_CE_TANH"] = "1"
+    knobs = ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_SPEC", "SFT_PLUGINS_CE_PROGRAMS_PER_SM")
+    variants = [("two_pass", "1", 16384, 32, 0)]
+    variants += [("one_pass", spec, blk, nw, 0) for spec in ("0", "1")
+                 for blk, nw in ((16384, 32), (16384, 16), (8192, 16), (8192, 8), (4096, 8), (4096, 4))]
+    variants += [("one_pass", "1", 16384, 32, k) for k in (2, 4)] + [("one_pass", "1", 8192, 16, k) for k in (4, 8)]
     for C, V, cap in ((922, 128256, None), (461, 256000, 30.0)):
         buf0 = torch.randn(C, V, device="cuda", dtype=bench.DT) * 4
         buf = buf0.clone()
         labels = torch.randint(0, V, (C,), device="cuda")
         rows = torch.arange(C, device="cuda")
         loss = torch.zeros(C, device="cuda")
+        rfac = torch.empty(C, device="cuda")
         copy_ms = _ms(lambda: buf.copy_(buf0), 30)
-        for blk, nw in ((8192, 8), (8192, 16), (4096, 8), (4096, 16), (16384, 16), (16384, 32)):
-            for rev in ("0", "1"):
-                for hints in ("0", "1"):
-                    os.environ.update(SFT_PLUGINS_CE_BLOCK_V=str(blk), SFT_PLUGINS_CE_NUM_WARPS=str(nw),
-                                      SFT_PLUGINS_CE_REVERSE=rev, SFT_PLUGINS_CE_L2_HINTS=hints)
+        for mode, spec, blk, nw, per_sm in variants:
+            os.environ.update(SFT_PLUGINS_CE_BLOCK_V=str(blk), SFT_PLUGINS_CE_NUM_WARPS=str(nw),
+                              SFT_PLUGINS_CE_SPEC=spec, SFT_PLUGINS_CE_PROGRAMS_PER_SM=str(per_sm))
 
-                    def fn():
-                        buf.copy_(buf0)
-                        ce_rows_triton(buf, rows, labels, None, None, loss, None, None, grad_scale=1.0,
-                                       scale_t=None, logit_scale=1.0, softcap=cap, smoothing=0.0, write_grad=True)
+            def fn():
+                buf.copy_(buf0)
+                ce_rows_triton(buf, rows, labels, None, None, loss, None, None, grad_scale=1.0, scale_t=None,
+                               logit_scale=1.0, softcap=cap, smoothing=0.0, write_grad=True,
+                               rfac_out=rfac if mode == "one_pass" else None)
 
-                    ms = _ms(fn, 30) - copy_ms
-                    r = {"rows": C, "V": V, "softcap": cap, "block_v": blk, "num_warps": nw, "reverse": rev == "1",
-                         "l2_hints": hints == "1", "ms": round(ms, 4), "GB_per_s": round(3 * C * V * 2 / (ms * 1e-3) / 1e9)}
-                    res.append(r)
-                    print(json.dumps(r), flush=True)
+            ms = _ms(fn, 30) - copy_ms
+            passes = 2 if mode == "one_pass" else 3
+            r = {"rows": C, "V": V, "softcap": cap, "mode": mode, "spec": spec == "1", "block_v": blk,
+                 "num_warps": nw, "programs_per_sm": per_sm, "ms": round(ms, 4),
+                 "GB_per_s": round(passes * C * V * 2 / (ms * 1e-3) / 1e9)}
+            res.append(r)
+            print(json.dumps(r), flush=True)
         del buf0, buf
-    for k in ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_REVERSE", "SFT_PLUGINS_CE_L2_HINTS",
-              "SFT_PLUGINS_CE_TANH"):
-        del os.environ[k]
+    for k in knobs:
+        os.environ.pop(k, None)
     out["rows"] = res
 
 

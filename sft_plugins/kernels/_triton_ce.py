@@ -179,6 +179,7 @@ def _ce_rows_one_pass_kernel(
     HAS_SCALE_PTR: tl.constexpr,
     WANT_STATS: tl.constexpr,
     HW_TANH: tl.constexpr,
+    SPEC: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # One read and one write of the row instead of two reads and a write. The softmax needs the row's
@@ -192,8 +193,17 @@ def _ce_rows_one_pass_kernel(
         label = tl.load(labels_ptr + out_row).to(tl.int64)
         base = logits_ptr + (tl.full([], 0, tl.int64) + row) * stride_row  # int64 offsets
         xy = tl.load(base + label).to(tl.float32)  # before the pass overwrites it
+        if HAS_SOFTCAP:
+            thy = _tanh(xy * u_scale, HW_TANH)
+            zy = softcap * thy
+            dy = 1.0 - thy * thy
+        else:
+            zy = xy * logit_scale
+            dy = 1.0
 
-        ref = float("-inf")
+        # SPEC: the label's logit is the first reference, so a block's exp and store need not wait for
+        # its max; the exponent is clamped at `rebase` and a block whose max exceeds it is redone
+        ref = zy if SPEC else float("-inf")
         m = float("-inf")
         s = 0.0
         t = 0.0  # sum exp(z - ref) * z, for the entropy
@@ -207,32 +217,42 @@ def _ce_rows_one_pass_kernel(
             else:
                 z = x * logit_scale
             zm = tl.where(mask, z, float("-inf"))
-            m = tl.maximum(m, tl.max(zm, 0))
-            if m > ref + rebase:  # the first block, or a rare jump: re-base what is written so far
-                alpha = tl.exp(ref - m)
-                s = s * alpha
-                t = t * alpha
-                for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
-                    po = prev + tl.arange(0, BLOCK_V)
-                    old = tl.load(base + po).to(tl.float32)
-                    tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
-                ref = m
-            e = tl.exp(zm - ref)  # masked lanes: 0
+            if SPEC:
+                e = tl.exp(tl.minimum(zm - ref, rebase))  # masked lanes: 0
+                d = e * (1.0 - th * th) if HAS_SOFTCAP else e
+                tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+                bm = tl.max(zm, 0)
+                m = tl.maximum(m, bm)
+                if bm > ref + rebase:  # rare: this block was clamped; re-base everything written so far
+                    alpha = tl.exp(ref - bm)
+                    s = s * alpha
+                    t = t * alpha
+                    for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
+                        po = prev + tl.arange(0, BLOCK_V)
+                        old = tl.load(base + po).to(tl.float32)
+                        tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
+                    ref = bm
+                    e = tl.exp(zm - ref)
+                    d = e * (1.0 - th * th) if HAS_SOFTCAP else e
+                    tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+            else:
+                m = tl.maximum(m, tl.max(zm, 0))
+                if m > ref + rebase:  # the first block, or a rare jump: re-base what is written so far
+                    alpha = tl.exp(ref - m)
+                    s = s * alpha
+                    t = t * alpha
+                    for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
+                        po = prev + tl.arange(0, BLOCK_V)
+                        old = tl.load(base + po).to(tl.float32)
+                        tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
+                    ref = m
+                e = tl.exp(zm - ref)  # masked lanes: 0
+                d = e * (1.0 - th * th) if HAS_SOFTCAP else e
+                tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
             s += tl.sum(e, 0)
             if WANT_STATS:
                 t += tl.sum(tl.where(mask, e * z, 0.0), 0)
-            if HAS_SOFTCAP:
-                e = e * (1.0 - th * th)
-            tl.store(base + offs, e.to(logits_ptr.dtype.element_ty), mask=mask)
         lse = ref + tl.log(s)
-
-        if HAS_SOFTCAP:
-            thy = _tanh(xy * u_scale, HW_TANH)
-            zy = softcap * thy
-            dy = 1.0 - thy * thy
-        else:
-            zy = xy * logit_scale
-            dy = 1.0
         tl.store(loss_ptr + out_row, lse - zy)
         if WANT_STATS:
             tl.store(ent_ptr + out_row, lse - t / s)
@@ -308,7 +328,7 @@ def ce_rows_triton(
             float(grad_scale), float(softcap) if softcap else 1.0, _REBASE,
             HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
             HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh,
-            BLOCK_V=block, num_warps=num_warps,
+            SPEC=os.environ.get("SFT_PLUGINS_CE_SPEC", "1") == "1", BLOCK_V=block, num_warps=num_warps,
         )
         return
     _ce_rows_kernel[(grid,)](
