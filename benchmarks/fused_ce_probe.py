@@ -8,7 +8,7 @@
    the whole head against an fp32 reference, with the benchmark's small logits and with wide ones
    (std ~8, what a trained model produces; that is where an approximate tanh shows).
 3. ``rows``: the row kernel alone, plain and softcap chunks: two-pass at its defaults, one-pass over
-   (BLOCK_V, warps), its first reference (``SFT_PLUGINS_CE_SPEC``) and programs per SM.
+   (BLOCK_V, warps) and programs per SM.
 4. ``gaps``: a trace of three steps timed as the benchmark times them: the GPU's idle gaps and the kernels
    around them, and the host cost of the memory queries made before the first GEMM.
 5. ``dw``: the chunk GEMMs (dW accumulation as written and transposed, dH with a bf16 or fp32 output,
@@ -139,16 +139,17 @@ def probe_tanh(out: dict) -> None:
 
 def probe_rows(out: dict) -> None:
     """The row kernel alone on one chunk of each kind (plain and softcap): the two-pass kernel at its
-    defaults, and the one-pass kernel (reference from the first block, or speculative from the label's
-    logit: ``SFT_PLUGINS_CE_SPEC``) over (BLOCK_V, warps) and programs per SM."""
+    defaults, the one-pass kernel over (BLOCK_V, warps) and programs per SM. (Call 3 of session
+    2026-12-01e also timed a one-pass variant whose first reference was the label's logit, so a block's
+    exp need not wait for its max: slower at every size but 16384/32; fused_ce_probe_rows2_h200.json.)"""
     from sft_plugins.kernels._triton_ce import ce_rows_triton
 
     res = []
-    knobs = ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_SPEC", "SFT_PLUGINS_CE_PROGRAMS_PER_SM")
-    variants = [("two_pass", "1", 16384, 32, 0)]
-    variants += [("one_pass", spec, blk, nw, 0) for spec in ("0", "1")
-                 for blk, nw in ((16384, 32), (16384, 16), (8192, 16), (8192, 8), (4096, 8), (4096, 4))]
-    variants += [("one_pass", "1", 16384, 32, k) for k in (2, 4)] + [("one_pass", "1", 8192, 16, k) for k in (4, 8)]
+    knobs = ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_PROGRAMS_PER_SM")
+    variants = [("two_pass", 16384, 32, 0)]
+    variants += [("one_pass", blk, nw, 0) for blk, nw in ((16384, 32), (8192, 8), (4096, 8), (4096, 4), (4096, 2),
+                                                          (2048, 8), (2048, 4), (2048, 2), (1024, 2))]
+    variants += [("one_pass", 4096, 4, k) for k in (8, 16)]
     for C, V, cap in ((922, 128256, None), (461, 256000, 30.0)):
         buf0 = torch.randn(C, V, device="cuda", dtype=bench.DT) * 4
         buf = buf0.clone()
@@ -157,9 +158,9 @@ def probe_rows(out: dict) -> None:
         loss = torch.zeros(C, device="cuda")
         rfac = torch.empty(C, device="cuda")
         copy_ms = _ms(lambda: buf.copy_(buf0), 30)
-        for mode, spec, blk, nw, per_sm in variants:
+        for mode, blk, nw, per_sm in variants:
             os.environ.update(SFT_PLUGINS_CE_BLOCK_V=str(blk), SFT_PLUGINS_CE_NUM_WARPS=str(nw),
-                              SFT_PLUGINS_CE_SPEC=spec, SFT_PLUGINS_CE_PROGRAMS_PER_SM=str(per_sm))
+                              SFT_PLUGINS_CE_PROGRAMS_PER_SM=str(per_sm))
 
             def fn():
                 buf.copy_(buf0)
@@ -169,7 +170,7 @@ def probe_rows(out: dict) -> None:
 
             ms = _ms(fn, 30) - copy_ms
             passes = 2 if mode == "one_pass" else 3
-            r = {"rows": C, "V": V, "softcap": cap, "mode": mode, "spec": spec == "1", "block_v": blk,
+            r = {"rows": C, "V": V, "softcap": cap, "mode": mode, "block_v": blk,
                  "num_warps": nw, "programs_per_sm": per_sm, "ms": round(ms, 4),
                  "GB_per_s": round(passes * C * V * 2 / (ms * 1e-3) / 1e9)}
             res.append(r)

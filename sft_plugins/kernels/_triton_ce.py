@@ -179,7 +179,6 @@ def _ce_rows_one_pass_kernel(
     HAS_SCALE_PTR: tl.constexpr,
     WANT_STATS: tl.constexpr,
     HW_TANH: tl.constexpr,
-    SPEC: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     # One read and one write of the row instead of two reads and a write. The softmax needs the row's
@@ -201,9 +200,7 @@ def _ce_rows_one_pass_kernel(
             zy = xy * logit_scale
             dy = 1.0
 
-        # SPEC: the label's logit is the first reference, so a block's exp and store need not wait for
-        # its max; the exponent is clamped at `rebase` and a block whose max exceeds it is redone
-        ref = zy if SPEC else float("-inf")
+        ref = float("-inf")
         m = float("-inf")
         s = 0.0
         t = 0.0  # sum exp(z - ref) * z, for the entropy
@@ -217,38 +214,19 @@ def _ce_rows_one_pass_kernel(
             else:
                 z = x * logit_scale
             zm = tl.where(mask, z, float("-inf"))
-            if SPEC:
-                e = tl.exp(tl.minimum(zm - ref, rebase))  # masked lanes: 0
-                d = e * (1.0 - th * th) if HAS_SOFTCAP else e
-                tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
-                bm = tl.max(zm, 0)
-                m = tl.maximum(m, bm)
-                if bm > ref + rebase:  # rare: this block was clamped; re-base everything written so far
-                    alpha = tl.exp(ref - bm)
-                    s = s * alpha
-                    t = t * alpha
-                    for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
-                        po = prev + tl.arange(0, BLOCK_V)
-                        old = tl.load(base + po).to(tl.float32)
-                        tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
-                    ref = bm
-                    e = tl.exp(zm - ref)
-                    d = e * (1.0 - th * th) if HAS_SOFTCAP else e
-                    tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
-            else:
-                m = tl.maximum(m, tl.max(zm, 0))
-                if m > ref + rebase:  # the first block, or a rare jump: re-base what is written so far
-                    alpha = tl.exp(ref - m)
-                    s = s * alpha
-                    t = t * alpha
-                    for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
-                        po = prev + tl.arange(0, BLOCK_V)
-                        old = tl.load(base + po).to(tl.float32)
-                        tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
-                    ref = m
-                e = tl.exp(zm - ref)  # masked lanes: 0
-                d = e * (1.0 - th * th) if HAS_SOFTCAP else e
-                tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+            m = tl.maximum(m, tl.max(zm, 0))
+            if m > ref + rebase:  # the first block, or a rare jump: re-base what is written so far
+                alpha = tl.exp(ref - m)
+                s = s * alpha
+                t = t * alpha
+                for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
+                    po = prev + tl.arange(0, BLOCK_V)
+                    old = tl.load(base + po).to(tl.float32)
+                    tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
+                ref = m
+            e = tl.exp(zm - ref)  # masked lanes: 0
+            d = e * (1.0 - th * th) if HAS_SOFTCAP else e
+            tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
             s += tl.sum(e, 0)
             if WANT_STATS:
                 t += tl.sum(tl.where(mask, e * z, 0.0), 0)
@@ -268,14 +246,22 @@ def _ce_rows_one_pass_kernel(
         tl.store(base + label, ((tl.exp(zy - ref) - s) * dy).to(logits_ptr.dtype.element_ty))
 
 
-def _block_v(V: int) -> int:
-    env = os.environ.get("SFT_PLUGINS_CE_BLOCK_V")
-    if env:
-        return int(env)
-    # GPU: 16384-wide blocks with 32 warps (16 elements a lane) were the fastest on the H200, plain and
-    # softcap (benchmarks/results/fused_ce_probe_rows_h200.json); interpreter: cost grows with loop
-    # trips, so take the whole (small) row in one block
-    return min(triton.next_power_of_2(V), 1 << 14)
+def _launch_config(V: int, one_pass: bool, softcap: bool, interpret: bool) -> tuple[int, int]:
+    """(BLOCK_V, warps) of a row program; SFT_PLUGINS_CE_BLOCK_V / _NUM_WARPS override."""
+    if interpret:  # the interpreter's cost grows with loop trips: the whole (small) row in one block
+        block, warps = min(triton.next_power_of_2(V), 1 << 14), 4
+    elif one_pass:
+        # H200 (benchmarks/results/fused_ce_probe_rows2_h200.json): small programs, many rows in flight
+        # per SM: 4096/4 plain 0.131 ms vs 0.171 at 16384/32 ([922, 128256]); softcap 4096/8 0.163 vs 0.224
+        block, warps = min(triton.next_power_of_2(V), 4096), 8 if softcap else 4
+    else:
+        # two passes: 16384-wide blocks with 32 warps were the fastest, plain and softcap
+        # (benchmarks/results/fused_ce_probe_rows_h200.json)
+        block = min(triton.next_power_of_2(V), 1 << 14)
+        warps = max(4, min(32, block // 512))
+    block = int(os.environ.get("SFT_PLUGINS_CE_BLOCK_V", "0")) or block
+    warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or warps
+    return block, warps
 
 
 def ce_rows_triton(
@@ -307,8 +293,7 @@ def ce_rows_triton(
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     want_stats = ent_out is not None
     dummy = loss_out  # never read when the matching flag is off
-    block = _block_v(V)
-    num_warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or max(4, min(32, block // 512))
+    block, num_warps = _launch_config(V, rfac_out is not None, bool(softcap), interpret)
     grid = C
     per_sm = int(os.environ.get("SFT_PLUGINS_CE_PROGRAMS_PER_SM", "0"))
     if per_sm > 0:
@@ -328,7 +313,7 @@ def ce_rows_triton(
             float(grad_scale), float(softcap) if softcap else 1.0, _REBASE,
             HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
             HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh,
-            SPEC=os.environ.get("SFT_PLUGINS_CE_SPEC", "1") == "1", BLOCK_V=block, num_warps=num_warps,
+            BLOCK_V=block, num_warps=num_warps,
         )
         return
     _ce_rows_kernel[(grid,)](

@@ -402,16 +402,3 @@ def test_first_chunk_launched_before_the_count_gives_the_same_result(backend, n_
     for a, b_ in zip(*results):
         assert torch.isfinite(a.float()).all()
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype exists on CUDA only")
-@pytest.mark.parametrize("n_ignored", [0, 8], ids=["contiguous", "gathered"])
-def test_dh_with_an_fp32_gemm_output(monkeypatch, n_ignored):
-    h, w, _, y = _inputs(torch.bfloat16, n_ignored=n_ignored, seed=17)
-    hr, wr = _leaf(h.double(), "cpu"), _leaf(w.double(), "cpu")
-    _reference(hr, wr, y, softcap=15.0).backward()
-    monkeypatch.setenv("SFT_PLUGINS_CE_DH_OUT", "fp32")
-    ho, wo = _leaf(h), _leaf(w)
-    fused_linear_cross_entropy(ho, wo, y.to(DEV), softcap=15.0, _backend="triton", _chunk_rows=12).backward()
-    assert ho.grad.dtype == torch.bfloat16 and (ho.grad.cpu()[y == -100] == 0).all()
-    assert _rel(ho.grad.cpu(), hr.grad) < 1e-2 and _rel(wo.grad.cpu(), wr.grad) < 1e-2
