@@ -190,6 +190,18 @@ def _dw_acc_dtype(opts: _Opts, w_dtype: torch.dtype, V: int, H: int, budget: int
     return torch.float32 if V * H * 4 <= budget // 2 else cdt
 
 
+def _add_dw(dw: torch.Tensor | None, lg: torch.Tensor, hc: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+    """dW += lg^T @ hc; the first chunk creates it."""
+    if dw is None:
+        dw = torch.mm(lg.t(), hc)  # cuBLAS: fp32 accumulation over the C rows
+        return dw if dw.dtype == acc_dtype else dw.to(acc_dtype)
+    if dw.dtype == lg.dtype:
+        dw.addmm_(lg.t(), hc)  # partial sums added in W's dtype: one rounding a chunk
+    else:
+        dw.add_(torch.mm(lg.t(), hc))  # fp32 accumulator of per-chunk partials
+    return dw
+
+
 class _ValidRows:
     """The label mask's valid rows: a permutation with them first (in order), and their count, which the
     host reads only when the chunk loop needs it. On CUDA the count travels to pinned memory behind the
@@ -288,6 +300,9 @@ def _chunk_loop(
     one_pass = (write_grad and not need_b and not opts.smoothing and cdt != torch.float16
                 and os.environ.get("SFT_PLUGINS_CE_ONE_PASS", "1") == "1")
     rfac = hs_buf = None
+    main = side = None
+    if need_w and dev.type == "cuda" and os.environ.get("SFT_PLUGINS_CE_DW_STREAM", "0") == "1":
+        main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
     if n_valid:
         if buf is None:
             buf = torch.empty(rows, V, dtype=cdt, device=dev)
@@ -316,6 +331,15 @@ def _chunk_loop(
             )
             if need_b:
                 db += lg.sum(0, dtype=torch.float32)
+            if need_w and rf is not None:
+                hc = torch.mul(hc, rf, out=hc if hs_buf is None else hs_buf[: end - start])
+            if need_w and side is not None:  # dW on the side stream, beside dH (both only read lg)
+                side.wait_stream(main)
+                with torch.cuda.stream(side):
+                    dw = _add_dw(dw, lg, hc, acc_dtype)
+                hc.record_stream(side)
+            elif need_w:
+                dw = _add_dw(dw, lg, hc, acc_dtype)
             if need_h:
                 if contiguous and split == 1:
                     torch.mm(lg, w, out=dh[start:end])
@@ -331,17 +355,10 @@ def _chunk_loop(
                         dh[start:end] = part
                     else:
                         dh.index_copy_(0, r, part)
-            if need_w and rf is not None:
-                hc = torch.mul(hc, rf, out=hc if hs_buf is None else hs_buf[: end - start])
-            if need_w:
-                if dw is None:
-                    dw = torch.mm(lg.t(), hc)  # cuBLAS: fp32 accumulation over the C rows
-                    if acc_dtype != cdt:
-                        dw = dw.to(acc_dtype)
-                elif dw.dtype == cdt:
-                    dw.addmm_(lg.t(), hc)  # partial sums added in W's dtype: one rounding a chunk
-                else:
-                    dw.add_(torch.mm(lg.t(), hc))  # fp32 accumulator of per-chunk partials
+            if side is not None:
+                main.wait_stream(side)  # the next chunk's logits overwrite lg
+    if side is not None and dw is not None:
+        dw.record_stream(main)  # allocated on the side stream, used on this one from here on
     del buf, hc0, hs_buf
     if need_w and dw is None:
         dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)
