@@ -12,7 +12,7 @@ steps, previous grads included). Inputs rotate between two hidden tensors.
 Errors are against an fp32 reference (TF32 off) computed here on the same bf16 inputs: loss, and the
 relative norm error of grad_h and grad_w.
 
-Usage: python benchmarks/fused_ce.py [--shapes a,b] [--iters N] [--out DIR] [--tune] [--profile]
+Usage: python benchmarks/fused_ce.py [--shapes a,b] [--iters N] [--out DIR] [--profile]
 """
 
 from __future__ import annotations
@@ -115,8 +115,6 @@ ours_ws1g = _ours_with_env("ours_ws1g", "SFT_PLUGINS_CE_WORKSPACE_MB", "1024")
 ours_exact_tanh = _ours_with_env("ours_exact_tanh", "SFT_PLUGINS_CE_TANH", "0")
 # the row kernel's two passes (read, read + write) instead of one (read + write)
 ours_two_pass = _ours_with_env("ours_two_pass", "SFT_PLUGINS_CE_ONE_PASS", "0")
-# trainable rows: dW's GEMM on a second stream, beside dH's
-ours_dw_stream = _ours_with_env("ours_dw_stream", "SFT_PLUGINS_CE_DW_STREAM", "1")
 
 
 def _chunk_variant(rows):
@@ -246,58 +244,6 @@ def run_case(method, hs, w, y, cap, frozen, ref, iters):
     return out
 
 
-def tune_row_kernel(out_rows):
-    """Time the row kernel alone for a few (BLOCK_V, warps, programs/SM) on two chunk shapes:
-    [1024, 128256] plain and [512, 256000] with softcap 30 (fwd stats + in-place d(logits))."""
-    import triton.testing as tt
-
-    from sft_plugins.kernels._triton_ce import ce_rows_triton
-
-    cases = []
-    for C, V, cap in ((1024, 128256, None), (512, 256000, 30.0)):
-        buf0 = torch.randn(C, V, device=DEV, dtype=DT)
-        cases.append((C, V, cap, buf0, buf0.clone(), torch.randint(0, V, (C,), device=DEV)))
-    best = None
-    # the kernel's defaults first (16384-wide blocks, 32 warps): --tune must not pick a grid that lacks them
-    configs = [(16384, 32, 0), (4096, 8, 0), (8192, 8, 0), (8192, 16, 0), (8192, 8, 2), (16384, 16, 1)]
-    for blk, nw, per_sm in configs:
-        os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(blk)
-        os.environ["SFT_PLUGINS_CE_NUM_WARPS"] = str(nw)
-        os.environ["SFT_PLUGINS_CE_PROGRAMS_PER_SM"] = str(per_sm)
-        r = {"block_v": blk, "num_warps": nw, "programs_per_sm": per_sm}
-        total = 0.0
-        for C, V, cap, buf0, buf, labels in cases:
-            rows = torch.arange(C, device=DEV)
-            loss = torch.zeros(C, device=DEV)
-            ent = torch.zeros(C, device=DEV)
-            top1 = torch.zeros(C, device=DEV, dtype=torch.uint8)
-
-            def fn():
-                buf.copy_(buf0)
-                ce_rows_triton(buf, rows, labels, None, None, loss, ent, top1, grad_scale=1.0,
-                               scale_t=None, logit_scale=1.0, softcap=cap, smoothing=0.0,
-                               write_grad=True)
-
-            def cp():
-                buf.copy_(buf0)
-
-            fn()
-            torch.cuda.synchronize()
-            ms = tt.do_bench(fn, warmup=25, rep=100, return_mode="median") - tt.do_bench(
-                cp, warmup=25, rep=100, return_mode="median")
-            tag = "softcap" if cap else "plain"
-            r[f"ms_{tag}"] = round(ms, 4)
-            r[f"GB_per_s_{tag}"] = round(3 * C * V * 2 / (ms * 1e-3) / 1e9)  # read, read, write
-            total += ms
-        out_rows.append(r)
-        print(json.dumps(r), flush=True)
-        if best is None or total < best[0]:
-            best = (total, blk, nw, per_sm)
-    for k in ("SFT_PLUGINS_CE_BLOCK_V", "SFT_PLUGINS_CE_NUM_WARPS", "SFT_PLUGINS_CE_PROGRAMS_PER_SM"):
-        del os.environ[k]
-    return best
-
-
 def versions():
     v = {"python": platform.python_version(), "torch": torch.__version__}
     for p in ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers"):
@@ -313,7 +259,6 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--tune", action="store_true", help="time row-kernel configs first, use the best")
     ap.add_argument("--profile", action="store_true", help="torch.profiler table of ours, first shape")
     ap.add_argument("--profile-shape", default="gemma2-2b")
     ap.add_argument("--frozen", default="both", choices=["both", "trainable", "frozen"])
@@ -330,17 +275,9 @@ def main():
         "dtype": "bfloat16",
     }
     print(json.dumps(meta), flush=True)
-    result = {**meta, "tune": [], "rows": []}
-    if args.tune:
-        best = tune_row_kernel(result["tune"])
-        os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(best[1])
-        os.environ["SFT_PLUGINS_CE_NUM_WARPS"] = str(best[2])
-        os.environ["SFT_PLUGINS_CE_PROGRAMS_PER_SM"] = str(best[3])
-        result["row_kernel_config"] = {"block_v": best[1], "num_warps": best[2],
-                                       "programs_per_sm": best[3]}
-
+    result = {**meta, "rows": []}
     all_methods = [gemm_floor, gemm_floor_valid, ours, ours_stats, ours_split, ours_ws1g, ours_exact_tanh,
-                   ours_two_pass, ours_dw_stream, ours_dw_fp32, eager, trl_head, trl_head_metrics,
+                   ours_two_pass, ours_dw_fp32, eager, trl_head, trl_head_metrics,
                    liger, cce]
     keep = set(args.methods.split(",")) if args.methods else (
         {m.__name__ for m in all_methods} - {"ours_dw_fp32", "ours_split"})
@@ -360,7 +297,7 @@ def main():
             hs = [h0.clone().requires_grad_(True), h0.clone().requires_grad_(True)]
             ref = reference(h0, w.detach(), y, cap, frozen)
             for m in methods:
-                if frozen and m.__name__ in ("ours_dw_fp32", "ours_ws1g", "ours_dw_stream"):
+                if frozen and m.__name__ in ("ours_dw_fp32", "ours_ws1g"):
                     continue  # no dW: the workspace size only matters for its accumulation
                 if not cap and m.__name__ == "ours_exact_tanh":
                     continue
@@ -448,7 +385,7 @@ def table(result) -> str:
             f" {o.get('peak_extra_MiB') if o else '-'} | {o.get('loss_rel_err', float('nan')) if o else float('nan'):.1e} | {marks} |"
         )
     lines += ["", "targets: ours ≤ 1.10× floor · ≤ 0.90× best peer · ≤ 256 MiB extra · loss err ≤ 1e-4", ""]
-    variants = ("ours_dw_fp32", "ours_ws1g", "ours_split", "ours_exact_tanh", "ours_two_pass", "ours_dw_stream")
+    variants = ("ours_dw_fp32", "ours_ws1g", "ours_split", "ours_exact_tanh", "ours_two_pass")
     extra = [r for r in rows if r["method"] in variants]
     if extra:
         lines += ["| shape | W | variant | ms | MiB | grad_w err | grad_h err |", "|---|---|---|---|---|---|---|"]

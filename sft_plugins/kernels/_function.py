@@ -5,6 +5,11 @@ Per chunk, cuBLAS computes logits [C, V] into one reused buffer; one fused row k
 its torch twin) computes LSE / loss / entropy / top-1 and overwrites the buffer with d(logits); then
 cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @ h_chunk.
 
+* One pass (the default for bf16/fp32 without bias grads or label smoothing): the row kernel reads
+  each logit once and writes exp(z - ref) * dz/dx against a reference from the row's first block,
+  the row's g/sum going to a per-row factor r; dH_chunk = diag(r) (E @ W) and dW += E^T (diag(r) h),
+  so the factor touches only [C, H] tensors. Two passes (read, read + write) otherwise.
+
 * Eager gradients: for reduction mean/sum (and for "none" when only hidden needs a gradient) every
   gradient is produced in the forward, with 1/denominator already folded into d(logits); backward
   only multiplies by grad_output, through a kernel that exits on the device when it is 1 (no sync,
@@ -300,9 +305,6 @@ def _chunk_loop(
     one_pass = (write_grad and not need_b and not opts.smoothing and cdt != torch.float16
                 and os.environ.get("SFT_PLUGINS_CE_ONE_PASS", "1") == "1")
     rfac = hs_buf = None
-    main = side = None
-    if need_w and dev.type == "cuda" and os.environ.get("SFT_PLUGINS_CE_DW_STREAM", "0") == "1":
-        main, side = torch.cuda.current_stream(dev), torch.cuda.Stream(dev)
     if n_valid:
         if buf is None:
             buf = torch.empty(rows, V, dtype=cdt, device=dev)
@@ -333,12 +335,7 @@ def _chunk_loop(
                 db += lg.sum(0, dtype=torch.float32)
             if need_w and rf is not None:
                 hc = torch.mul(hc, rf, out=hc if hs_buf is None else hs_buf[: end - start])
-            if need_w and side is not None:  # dW on the side stream, beside dH (both only read lg)
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    dw = _add_dw(dw, lg, hc, acc_dtype)
-                hc.record_stream(side)
-            elif need_w:
+            if need_w:
                 dw = _add_dw(dw, lg, hc, acc_dtype)
             if need_h:
                 if contiguous and split == 1:
@@ -355,10 +352,6 @@ def _chunk_loop(
                         dh[start:end] = part
                     else:
                         dh.index_copy_(0, r, part)
-            if side is not None:
-                main.wait_stream(side)  # the next chunk's logits overwrite lg
-    if side is not None and dw is not None:
-        dw.record_stream(main)  # allocated on the side stream, used on this one from here on
     del buf, hc0, hs_buf
     if need_w and dw is None:
         dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)

@@ -1,10 +1,14 @@
 """Triton row kernel: softmax statistics, per-token loss and d(logits) for one chunk of logits.
 
 The big products (logits = h @ W^T, dH = dlogits @ W, dW += dlogits^T @ h) run on cuBLAS through
-``torch.mm``; this kernel is the memory-bound part in between. One program handles one row of the
-chunk: pass 1 streams the row once and keeps an online max / sum-exp (fp32), plus what entropy and
-label smoothing need; pass 2 (only when gradients are wanted) streams it again and overwrites the
-logits *in place* with d(loss_row)/d(logits), so no second [C, V] buffer exists.
+``torch.mm``; these kernels are the memory-bound part in between. One program handles one row of the
+chunk, in place (no second [C, V] buffer exists):
+
+* ``_ce_rows_one_pass_kernel`` (gradients wanted; no bias grad, no label smoothing, bf16/fp32): one
+  read and one write of the row; it stores d(logits) up to a per-row factor, which it returns.
+* ``_ce_rows_kernel``: pass 1 streams the row and keeps an online max / sum-exp (fp32), plus what
+  entropy and label smoothing need; pass 2 (only when gradients are wanted) streams it again and
+  overwrites it with d(loss_row)/d(logits).
 
 Works unchanged under ``TRITON_INTERPRET=1`` on CPU tensors (only elementwise ops and reductions;
 no ``tl.dot``, no libdevice: tanh is written with ``tl.sigmoid`` there because libdevice's import path

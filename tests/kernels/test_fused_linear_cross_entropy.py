@@ -402,16 +402,3 @@ def test_first_chunk_launched_before_the_count_gives_the_same_result(backend, n_
     for a, b_ in zip(*results):
         assert torch.isfinite(a.float()).all()
         torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="a second CUDA stream")
-@pytest.mark.parametrize("n_ignored", [0, 8], ids=["contiguous", "gathered"])
-def test_dw_on_a_side_stream_gives_the_same_gradients(monkeypatch, n_ignored):
-    h, w, _, y = _inputs(torch.bfloat16, n_ignored=n_ignored, seed=19)
-    grads = {}
-    for mode in ("1", "0"):
-        monkeypatch.setenv("SFT_PLUGINS_CE_DW_STREAM", mode)
-        ho, wo = _leaf(h), _leaf(w)
-        fused_linear_cross_entropy(ho, wo, y.to(DEV), softcap=15.0, _chunk_rows=8).backward()
-        grads[mode] = (ho.grad, wo.grad)
-    assert torch.equal(grads["1"][0], grads["0"][0]) and torch.equal(grads["1"][1], grads["0"][1])
