@@ -341,7 +341,7 @@ def _chunk_loop(
                 if contiguous and split == 1:
                     torch.mm(lg, w, out=dh[start:end])
                     if rf is not None:
-                        # a second rounding after the GEMM's: grad_h error 2.9e-3 vs 2.3e-3 (two passes) on the
+                        # a second rounding after the GEMM's: grad_h error 2.8e-3 vs 2.3e-3 (two passes) on the
                         # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (call 2, notes)
                         dh[start:end].mul_(rf)
                 else:

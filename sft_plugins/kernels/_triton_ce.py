@@ -40,6 +40,27 @@ def _tanh(x, HW: tl.constexpr):
 
 
 @triton.jit
+def _row_start(logits_ptr, stride_row, rows_ptr, labels_ptr, row):
+    """The chunk row's index into the full-N outputs, its label, and its logits' first element."""
+    out_row = tl.load(rows_ptr + row)
+    label = tl.load(labels_ptr + out_row).to(tl.int64)
+    base = logits_ptr + (tl.full([], 0, tl.int64) + row) * stride_row  # int64 offsets
+    return out_row, label, base
+
+
+@triton.jit
+def _grad_factor(out_row, logit_scale, grad_scale, scale_ptr, row_scale_ptr,
+                 HAS_SCALE_PTR: tl.constexpr, HAS_ROW_SCALE: tl.constexpr):
+    """d(logits) = g * (p - onehot) * dz/dx: the logit scale, 1/denominator and upstream grad of a row."""
+    g = logit_scale * grad_scale
+    if HAS_SCALE_PTR:
+        g = g * tl.load(scale_ptr).to(tl.float32)
+    if HAS_ROW_SCALE:
+        g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+    return g
+
+
+@triton.jit
 def _ce_rows_kernel(
     logits_ptr,  # [C, V] chunk (bf16/fp16/fp32); overwritten with d(loss)/d(logits) if WRITE_GRAD
     stride_row,
@@ -72,9 +93,7 @@ def _ce_rows_kernel(
     # rows are strided over the programs: with a grid of a few programs per SM the rows in flight
     # fit in L2, so pass 2 re-reads them from L2 instead of HBM; with grid == C it is one row each
     for row in range(tl.program_id(0), C, tl.num_programs(0)):
-        out_row = tl.load(rows_ptr + row)
-        label = tl.load(labels_ptr + out_row).to(tl.int64)
-        base = logits_ptr + (tl.full([], 0, tl.int64) + row) * stride_row  # int64 offsets
+        out_row, label, base = _row_start(logits_ptr, stride_row, rows_ptr, labels_ptr, row)
 
         # ---- pass 1: online max / sum-exp (and sum p*z, sum z) in fp32 ---------------------
         m = float("-inf")
@@ -123,11 +142,7 @@ def _ce_rows_kernel(
 
         # ---- pass 2: d(loss_row)/d(logits) = (p - eps/V - (1-eps)*onehot) * dz/dx ----------
         if WRITE_GRAD:
-            g = logit_scale * grad_scale
-            if HAS_SCALE_PTR:
-                g = g * tl.load(scale_ptr).to(tl.float32)
-            if HAS_ROW_SCALE:
-                g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+            g = _grad_factor(out_row, logit_scale, grad_scale, scale_ptr, row_scale_ptr, HAS_SCALE_PTR, HAS_ROW_SCALE)
             n_blocks = tl.cdiv(V, BLOCK_V)
             for i in range(0, n_blocks):
                 # backwards: the end of the row, read last in pass 1, is the likeliest still in L2
@@ -192,9 +207,7 @@ def _ce_rows_one_pass_kernel(
     # dW = E^T @ diag(r) h. A row whose max later climbs more than `rebase` above the reference
     # (rare: the first block already holds thousands of logits) rescales what it wrote and moves on.
     for row in range(tl.program_id(0), C, tl.num_programs(0)):
-        out_row = tl.load(rows_ptr + row)
-        label = tl.load(labels_ptr + out_row).to(tl.int64)
-        base = logits_ptr + (tl.full([], 0, tl.int64) + row) * stride_row  # int64 offsets
+        out_row, label, base = _row_start(logits_ptr, stride_row, rows_ptr, labels_ptr, row)
         xy = tl.load(base + label).to(tl.float32)  # before the pass overwrites it
         if HAS_SOFTCAP:
             thy = _tanh(xy * u_scale, HW_TANH)
@@ -239,11 +252,7 @@ def _ce_rows_one_pass_kernel(
         if WANT_STATS:
             tl.store(ent_ptr + out_row, lse - t / s)
             tl.store(top1_ptr + out_row, (zy >= m).to(tl.uint8))  # a tie counts as a hit
-        g = logit_scale * grad_scale
-        if HAS_SCALE_PTR:
-            g = g * tl.load(scale_ptr).to(tl.float32)
-        if HAS_ROW_SCALE:
-            g = g * tl.load(row_scale_ptr + out_row).to(tl.float32)
+        g = _grad_factor(out_row, logit_scale, grad_scale, scale_ptr, row_scale_ptr, HAS_SCALE_PTR, HAS_ROW_SCALE)
         tl.store(rfac_ptr + row, g / s)  # s >= 1: the max element contributes exp(m - ref) >= 1
         # the label's entry, p_y - 1 in units of 1/s; another lane wrote it in the pass: wait for it
         tl.debug_barrier()
