@@ -232,8 +232,8 @@ def _jumping_rows():
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton unavailable")
 @pytest.mark.parametrize("softcap", [None, 200.0], ids=["plain", "softcap"])
 def test_one_pass_rebases_rows_whose_max_jumps(monkeypatch, softcap):
-    # the one-pass kernel stores exp(z - ref) against the first block's max; a later block more than
-    # e^60 above it must rescale what was written, not overflow
+    # the one-pass kernel stores exp(z - ref) against the first block's max; a later block whose max is
+    # more than 60 above it (e^60) must rescale what was written, not overflow
     monkeypatch.setenv("SFT_PLUGINS_CE_BLOCK_V", "128")
     h, w, y = _jumping_rows()
     hr, wr = _leaf(h.double(), "cpu"), _leaf(w.double(), "cpu")
