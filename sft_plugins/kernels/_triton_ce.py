@@ -236,6 +236,7 @@ def _ce_rows_one_pass_kernel(
                 alpha = tl.exp(ref - m)
                 s = s * alpha
                 t = t * alpha
+                tl.debug_barrier()  # lanes re-read their own stores; a barrier anyway (first block and rare jumps)
                 for prev in range(0, start, BLOCK_V):  # only full blocks precede this one
                     po = prev + tl.arange(0, BLOCK_V)
                     old = tl.load(base + po).to(tl.float32)
