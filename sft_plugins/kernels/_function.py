@@ -324,34 +324,30 @@ def _chunk_loop(
             else:
                 hc = h[start:end] if contiguous else h.index_select(0, r)
                 torch.mm(hc, wt, out=lg)
-            rf = None if rfac is None else rfac[: end - start, None]
+            rf = None if rfac is None else rfac[: end - start]
             row_fn(
                 lg, r, labels, bias, row_scale, loss_out, ent_out, top1_out,
                 grad_scale=grad_scale, scale_t=scale_t, logit_scale=opts.logit_scale,
                 softcap=opts.softcap, smoothing=opts.smoothing, write_grad=write_grad,
-                rfac_out=None if rf is None else rf[:, 0],
+                rfac_out=rf,
             )
             if need_b:
                 db += lg.sum(0, dtype=torch.float32)
             if need_w and rf is not None:
-                hc = torch.mul(hc, rf, out=hc if hs_buf is None else hs_buf[: end - start])
+                hc = torch.mul(hc, rf[:, None], out=hc if hs_buf is None else hs_buf[: end - start])
             if need_w:
                 dw = _add_dw(dw, lg, hc, acc_dtype)
             if need_h:
-                if contiguous and split == 1:
-                    torch.mm(lg, w, out=dh[start:end])
-                    if rf is not None:
-                        # a second rounding after the GEMM's: grad_h error 2.8e-3 vs 2.3e-3 (two passes) on the
-                        # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (call 2, notes)
-                        dh[start:end].mul_(rf)
-                else:
-                    part = _mm_dh(lg, w, split)
-                    if rf is not None:
-                        part.mul_(rf)
-                    if contiguous:
-                        dh[start:end] = part
-                    else:
-                        dh.index_copy_(0, r, part)
+                direct = contiguous and split == 1  # the GEMM writes into dh itself
+                part = torch.mm(lg, w, out=dh[start:end]) if direct else _mm_dh(lg, w, split)
+                if rf is not None:
+                    # a second rounding after the GEMM's: grad_h error 2.8e-3 vs 2.3e-3 (two passes) on the
+                    # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (call 2, notes)
+                    part.mul_(rf[:, None])
+                if not contiguous:
+                    dh.index_copy_(0, r, part)
+                elif not direct:
+                    dh[start:end] = part
     del buf, hc0, hs_buf
     if need_w and dw is None:
         dw = torch.zeros(V, H, dtype=acc_dtype, device=dev)

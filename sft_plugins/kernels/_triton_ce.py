@@ -40,6 +40,20 @@ def _tanh(x, HW: tl.constexpr):
 
 
 @triton.jit
+def _logit(x, logit_scale, u_scale, softcap, HAS_SOFTCAP: tl.constexpr, HW_TANH: tl.constexpr):
+    """The logit the loss sees, z, and dz/dx without the logit scale (that is in the row's grad factor):
+    z = softcap * tanh(x * logit_scale / softcap) and 1 - tanh^2 with softcap, else x * logit_scale and 1."""
+    if HAS_SOFTCAP:
+        th = _tanh(x * u_scale, HW_TANH)
+        z = softcap * th
+        dz = 1.0 - th * th
+    else:
+        z = x * logit_scale
+        dz = 1.0
+    return z, dz
+
+
+@triton.jit
 def _row_start(logits_ptr, stride_row, rows_ptr, labels_ptr, row):
     """The chunk row's index into the full-N outputs, its label, and its logits' first element."""
     out_row = tl.load(rows_ptr + row)
@@ -106,10 +120,7 @@ def _ce_rows_kernel(
             x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_BIAS:
                 x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                z = softcap * _tanh(x * u_scale, HW_TANH)
-            else:
-                z = x * logit_scale
+            z, _dz = _logit(x, logit_scale, u_scale, softcap, HAS_SOFTCAP, HW_TANH)
             zm = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, 0))
             e = tl.exp(zm - m_new)  # masked lanes: exp(-inf) = 0
@@ -126,10 +137,7 @@ def _ce_rows_kernel(
         xy = tl.load(base + label).to(tl.float32)
         if HAS_BIAS:
             xy += tl.load(bias_ptr + label).to(tl.float32)
-        if HAS_SOFTCAP:
-            zy = softcap * _tanh(xy * u_scale, HW_TANH)
-        else:
-            zy = xy * logit_scale
+        zy, _dzy = _logit(xy, logit_scale, u_scale, softcap, HAS_SOFTCAP, HW_TANH)
         if SMOOTH:
             loss = lse - (1.0 - smoothing) * zy - smoothing * sz / V
         else:
@@ -152,20 +160,14 @@ def _ce_rows_kernel(
                 x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
                 if HAS_BIAS:
                     x += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                if HAS_SOFTCAP:
-                    th = _tanh(x * u_scale, HW_TANH)
-                    z = softcap * th
-                else:
-                    z = x * logit_scale
+                z, dz = _logit(x, logit_scale, u_scale, softcap, HAS_SOFTCAP, HW_TANH)
                 d = tl.exp(z - lse)
                 if SMOOTH:
                     d = d - smoothing / V
                     d = tl.where(offs == label, d - (1.0 - smoothing), d)
                 else:
                     d = tl.where(offs == label, d - 1.0, d)
-                if HAS_SOFTCAP:
-                    d = d * (1.0 - th * th)
-                d = d * g
+                d = d * dz * g
                 tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -209,13 +211,7 @@ def _ce_rows_one_pass_kernel(
     for row in range(tl.program_id(0), C, tl.num_programs(0)):
         out_row, label, base = _row_start(logits_ptr, stride_row, rows_ptr, labels_ptr, row)
         xy = tl.load(base + label).to(tl.float32)  # before the pass overwrites it
-        if HAS_SOFTCAP:
-            thy = _tanh(xy * u_scale, HW_TANH)
-            zy = softcap * thy
-            dy = 1.0 - thy * thy
-        else:
-            zy = xy * logit_scale
-            dy = 1.0
+        zy, dy = _logit(xy, logit_scale, u_scale, softcap, HAS_SOFTCAP, HW_TANH)
 
         ref = float("-inf")
         m = float("-inf")
@@ -225,11 +221,7 @@ def _ce_rows_one_pass_kernel(
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < V
             x = tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
-            if HAS_SOFTCAP:
-                th = _tanh(x * u_scale, HW_TANH)
-                z = softcap * th
-            else:
-                z = x * logit_scale
+            z, dz = _logit(x, logit_scale, u_scale, softcap, HAS_SOFTCAP, HW_TANH)
             zm = tl.where(mask, z, float("-inf"))
             m = tl.maximum(m, tl.max(zm, 0))
             if m > ref + rebase:  # the first block, or a rare jump: re-base what is written so far
@@ -243,8 +235,7 @@ def _ce_rows_one_pass_kernel(
                     tl.store(base + po, (old * alpha).to(logits_ptr.dtype.element_ty))
                 ref = m
             e = tl.exp(zm - ref)  # masked lanes: 0
-            d = e * (1.0 - th * th) if HAS_SOFTCAP else e
-            tl.store(base + offs, d.to(logits_ptr.dtype.element_ty), mask=mask)
+            tl.store(base + offs, (e * dz).to(logits_ptr.dtype.element_ty), mask=mask)
             s += tl.sum(e, 0)
             if WANT_STATS:
                 t += tl.sum(tl.where(mask, e * z, 0.0), 0)
@@ -316,6 +307,8 @@ def ce_rows_triton(
     # the approximation only where it is below the rounding of the logits themselves (bf16/fp16)
     hw_tanh = (bool(softcap) and logits.dtype != torch.float32 and not interpret and torch.version.hip is None
                and os.environ.get("SFT_PLUGINS_CE_TANH", "1") == "1")
+    u_scale = float(logit_scale) / float(softcap) if softcap else 1.0  # a multiply instead of a divide
+    cap = float(softcap) if softcap else 1.0
     if rfac_out is not None:
         assert write_grad and bias is None and not smoothing and logits.dtype != torch.float16
         _ce_rows_one_pass_kernel[(grid,)](
@@ -323,8 +316,7 @@ def ce_rows_triton(
             row_scale if row_scale is not None else dummy,
             scale_t if scale_t is not None else dummy,
             loss_out, ent_out if want_stats else dummy, top1_out if want_stats else dummy, rfac_out,
-            C, V, float(logit_scale), float(logit_scale) / float(softcap) if softcap else 1.0,
-            float(grad_scale), float(softcap) if softcap else 1.0, _REBASE,
+            C, V, float(logit_scale), u_scale, float(grad_scale), cap, _REBASE,
             HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
             HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh,
             BLOCK_V=block, num_warps=num_warps,
@@ -344,9 +336,9 @@ def ce_rows_triton(
         C,
         V,
         float(logit_scale),
-        float(logit_scale) / float(softcap) if softcap else 1.0,
+        u_scale,
         float(grad_scale),
-        float(softcap) if softcap else 1.0,
+        cap,
         float(smoothing),
         HAS_BIAS=bias is not None,
         HAS_SOFTCAP=bool(softcap),
