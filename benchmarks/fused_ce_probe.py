@@ -3,8 +3,9 @@
 1. ``gemm``: cuBLAS time per row of the chunk GEMMs (logits = h_c @ W^T, dH = dlogits @ W, and the
    dW accumulation dW += dlogits^T @ h_c) against the chunk's row count C, for the benchmark's four
    heads: a C that fills cuBLAS's tiles costs less per row than one just past a tile edge.
-2. ``tanh``: the softcap row kernel with each way of making tanh (``SFT_PLUGINS_CE_TANH``: 0 sigmoid,
-   1 tanh.approx, 2 ex2+rcp.approx) and a few (BLOCK_V, warps): time, and the loss / grad_h error of
+2. ``tanh``: the softcap row kernel (two-pass) with each way of making tanh (``SFT_PLUGINS_CE_TANH``:
+   0 sigmoid, 1 tanh.approx; the ex2 + rcp.approx variant timed in fused_ce_probe_h200.json as mode 2
+   is gone from the kernel) and a few (BLOCK_V, warps): time, and the loss / grad_h error of
    the whole head against an fp32 reference, with the benchmark's small logits and with wide ones
    (std ~8, what a trained model produces; that is where an approximate tanh shows).
 3. ``rows``: the row kernel alone, plain and softcap chunks: two-pass at its defaults, one-pass over
@@ -33,6 +34,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fused_ce as bench  # noqa: E402  (benchmarks/fused_ce.py: shapes, reference, inputs)
 
 from sft_plugins.kernels import fused_linear_cross_entropy  # noqa: E402
+from sft_plugins.kernels._function import _DEFAULT_WORKSPACE_CAP, _max_chunk_rows  # noqa: E402
+
+
+def _workspace_rows(V: int, H: int) -> int:
+    """The most rows the kernel's default workspace takes for a bf16 head (its own rule)."""
+    return _max_chunk_rows(V, H, 2, "triton", _DEFAULT_WORKSPACE_CAP)
 
 
 def _ms(fn, reps=10) -> float:
@@ -58,7 +65,7 @@ def probe_gemm(out: dict) -> None:
     for name, (N, H, V, _cap) in bench.SHAPES.items():
         w = torch.randn(V, H, device="cuda", dtype=bench.DT) / H**0.5
         dw = torch.zeros(V, H, device="cuda", dtype=bench.DT)
-        max_rows = (240 << 20) // (V * 2 + 4 * H + 32)
+        max_rows = _workspace_rows(V, H)
         cands = sorted(set(list(range(128, max_rows + 161, 32)) + [max_rows]))
         for C in cands:
             h = torch.randn(C, H, device="cuda", dtype=bench.DT)
@@ -91,7 +98,7 @@ def probe_tanh(out: dict) -> None:
     rows = torch.arange(C, device="cuda")
     loss = torch.zeros(C, device="cuda")
     configs = [(4096, 8), (2048, 4), (4096, 4), (4096, 16), (8192, 16), (2048, 8)]
-    for mode in (0, 1, 2):
+    for mode in (0, 1):
         os.environ["SFT_PLUGINS_CE_TANH"] = str(mode)
         for blk, nw in configs:
             os.environ["SFT_PLUGINS_CE_BLOCK_V"] = str(blk)
@@ -122,7 +129,7 @@ def probe_tanh(out: dict) -> None:
     for label, scale in (("benchmark logits (std ~0.5)", 0.5), ("wide logits (std ~8)", 8.0)):
         h0 = torch.randn(N, H, device="cuda", dtype=bench.DT) * scale
         ref_loss, ref_dh, _ = bench.reference(h0, w, y, cap, True)
-        for mode in (0, 1, 2):
+        for mode in (0, 1):
             os.environ["SFT_PLUGINS_CE_TANH"] = str(mode)
             h = h0.clone().requires_grad_(True)
             lv = fused_linear_cross_entropy(h, w, y, softcap=cap)
@@ -284,7 +291,7 @@ def probe_dw(out: dict) -> None:
     21908bb.)"""
     res = []
     for name, (N, H, V, _cap) in bench.SHAPES.items():
-        rows = (240 << 20) // (V * 2 + 4 * H + 32)
+        rows = _workspace_rows(V, H)
         g = torch.randn(rows, V, device="cuda", dtype=bench.DT) * 1e-3
         hs = torch.randn(rows, H, device="cuda", dtype=bench.DT)
         w = torch.randn(V, H, device="cuda", dtype=bench.DT)
