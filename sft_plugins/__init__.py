@@ -10,12 +10,14 @@ Importing this package does not import torch.
 from ._discovery import ENTRY_POINT_GROUP, PluginInfo, available, refresh
 from ._errors import PluginError
 from ._markers import hookimpl, hookspec
+from ._options import Option
 from ._stack import Stack, compose
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "Option",
     "PluginError",
     "PluginInfo",
     "Stack",

@@ -17,6 +17,7 @@ from typing import Any
 from . import hookspecs
 from ._errors import PluginError
 from ._markers import PROJECT
+from ._options import Option
 
 ENTRY_POINT_GROUP = "sft_plugins"
 OWN_DISTRIBUTION = "sft-plugins"
@@ -37,6 +38,7 @@ class PluginInfo:
     hooks: tuple[str, ...] = ()
     summary: str = ""
     loss_parity: float | None = None
+    options: tuple[Option, ...] | None = None  # the plugin's option schema (None: it declares none)
     error: str | None = None
     obj: Any = field(default=None, repr=False, compare=False)
 
@@ -54,11 +56,13 @@ class PluginInfo:
             "hooks": list(self.hooks),
             "summary": self.summary,
             "loss_parity": self.loss_parity,
+            "options": None if self.options is None else [o.as_dict() for o in self.options],
             "error": self.error,
         }
 
 
-def _load_object(value: str) -> Any:
+def load_object(value: str) -> Any:
+    """``module[:attr]`` -> the object (an instance when it is a class), like an entry point's value."""
     module_name, _, attr = value.partition(":")
     obj: Any = importlib.import_module(module_name)
     for part in filter(None, attr.split(".")):
@@ -81,15 +85,31 @@ def describe(obj: Any, options: dict[str, Any] | None = None) -> dict[str, Any]:
     return fn(**({"options": options or {}} if "options" in params else {})) or {}
 
 
+def option_schema(obj: Any) -> tuple[Option, ...] | None:
+    """The plugin's ``sft_options()`` answer, or None when it implements no such hook."""
+    fn = getattr(obj, "sft_options", None)
+    if fn is None or not hasattr(fn, f"{PROJECT}_impl"):
+        return None
+    schema = tuple(fn() or ())
+    bad = [o for o in schema if not isinstance(o, Option)]
+    if bad:
+        raise TypeError(f"sft_options must return sft_plugins.Option instances, got {bad[0]!r}")
+    return schema
+
+
 def info_for_object(name: str, obj: Any, *, source: str, distribution: str | None = None,
                     version: str | None = None, value: str = "") -> PluginInfo:
     hooks = implemented_hooks(obj)
     if not hooks:
         return PluginInfo(name, source, distribution, version, value,
                           error=f"{value or obj!r} carries no sft_plugins hookimpls")
-    desc = describe(obj)
-    return PluginInfo(name, source, distribution, version, value, hooks,
-                      summary=str(desc.get("summary", "")), loss_parity=desc.get("loss_parity"), obj=obj)
+    try:
+        schema = option_schema(obj)
+        desc = describe(obj, {o.name: o.default for o in schema or ()})
+    except Exception as exc:  # a broken third-party plugin must not break the others
+        return PluginInfo(name, source, distribution, version, value, hooks, error=f"{type(exc).__name__}: {exc}")
+    return PluginInfo(name, source, distribution, version, value, hooks, summary=str(desc.get("summary", "")),
+                      loss_parity=desc.get("loss_parity"), options=schema, obj=obj)
 
 
 def _info_for_entry_point(ep: metadata.EntryPoint) -> PluginInfo:
@@ -98,7 +118,7 @@ def _info_for_entry_point(ep: metadata.EntryPoint) -> PluginInfo:
     builtin = dist is not None and dist.replace("_", "-").lower() == OWN_DISTRIBUTION
     source = "builtin" if builtin else "entry point"
     try:
-        obj = _load_object(ep.value)
+        obj = load_object(ep.value)
     except Exception as exc:  # a broken third-party plugin must not break the others
         return PluginInfo(ep.name, source, dist, version, ep.value, error=f"{type(exc).__name__}: {exc}")
     return info_for_object(ep.name, obj, source=source, distribution=dist, version=version, value=ep.value)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import pluggy
@@ -13,10 +14,11 @@ from . import hookspecs
 from ._discovery import PluginInfo, resolve
 from ._errors import PluginError
 from ._markers import PROJECT
+from ._options import validate_options
 
 logger = logging.getLogger("sft_plugins")
 
-# transformers >= 5.2x renamed these; older releases (the GPU machine's 5.17) only know the old names.
+# transformers >= 5.2x renamed these; older releases (5.17 and before) only know the old names.
 _ARG_ALIASES = {
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
@@ -52,7 +54,8 @@ def replace_args(args: Any, overrides: Mapping[str, Any]) -> Any:
 class Stack:
     """An ordered set of plugins, applied to a trainer's keyword arguments by :meth:`prepare`.
 
-    ``undo()`` (or leaving ``with stack:``) reverses every patch the stack made.
+    ``undo()`` (or leaving ``with stack:``) reverses every patch the stack made and drops the plugins'
+    per-stack ``state``; the stack may then be prepared again, from a clean state.
     """
 
     def __init__(self, plugins: Sequence[PluginInfo], options: Mapping[str, Mapping[str, Any]] | None = None):
@@ -62,7 +65,6 @@ class Stack:
         unknown = sorted(set(options) - set(self.names))
         if unknown:
             raise PluginError(f"options given for plugins not in the stack: {unknown}; stack is {self.names}")
-        self.options: dict[str, dict[str, Any]] = {n: dict(options.get(n, {})) for n in self.names}
         self._pm = pluggy.PluginManager(PROJECT)
         self._pm.add_hookspecs(hookspecs)
         for info in self.plugins:
@@ -70,6 +72,10 @@ class Stack:
                 self._pm.register(info.obj, name=info.name)
             except (pluggy.PluginValidationError, ValueError) as exc:
                 raise PluginError(f"plugin {info.name!r} does not fit the hookspecs: {exc}") from exc
+        # validated now, before the caller builds a model: a typo fails at compose(), not at prepare()
+        self.options: dict[str, dict[str, Any]] = {
+            info.name: validate_options(info.name, info.options, options.get(info.name, {})) for info in self.plugins}
+        self._state: dict[str, SimpleNamespace] = {}
         self._undos: list[tuple[str, Callable[[], None]]] = []
         self._prepared = False
         self.report: dict[str, Any] = {}
@@ -81,11 +87,20 @@ class Stack:
         order = {n: i for i, n in enumerate(self.names)}
         answers = []
         for impl in sorted(impls, key=lambda i: order[i.plugin_name]):
-            available = {**kwargs, "options": self.options[impl.plugin_name]}
+            available = {**kwargs, **self._common(impl.plugin_name)}
             result = impl.function(**{a: available[a] for a in impl.argnames})
             if result is not None:
                 answers.append((impl.plugin_name, result))
         return answers
+
+    def _common(self, name: str) -> dict[str, Any]:
+        """What every hook may take besides its own arguments (see hookspecs)."""
+        state = self._state.setdefault(name, SimpleNamespace())
+        return {"options": self.options[name], "names": list(self.names), "state": state}
+
+    def state_of(self, name: str) -> SimpleNamespace | None:
+        """The per-stack state of plugin ``name`` while the stack is prepared (tests, debugging)."""
+        return self._state.get(name)
 
     def _single(self, hook: str, what: str, **kwargs: Any) -> tuple[str, Any] | None:
         answers = self._call(hook, **kwargs)
@@ -108,8 +123,8 @@ class Stack:
             raise PluginError("this stack is already prepared; call stack.undo() before preparing again")
         out = dict(kwargs)
         model, args = out.get("model"), out.get("args")
-        errors = [f"{name}: {msg}" for name, msgs in self._call("sft_check", names=list(self.names), args=args,
-                                                                  model=model) for msg in msgs]
+        self._state = {}
+        errors = [f"{name}: {msg}" for name, msgs in self._call("sft_check", args=args, model=model) for msg in msgs]
         if errors:
             raise PluginError("cannot compose " + "+".join(self.names) + ":\n  " + "\n  ".join(errors))
 
@@ -154,7 +169,7 @@ class Stack:
             raise PluginError("a plugin patches the model: pass model=<a PreTrainedModel instance> to prepare()")
         order = {n: i for i, n in enumerate(self.names)}
         for impl in sorted(impls, key=lambda i: order[i.plugin_name]):
-            available = {"model": model, "args": args, "options": self.options[impl.plugin_name]}
+            available = {"model": model, "args": args, **self._common(impl.plugin_name)}
             undo = impl.function(**{a: available[a] for a in impl.argnames})
             if undo is not None:
                 if not callable(undo):
@@ -163,11 +178,12 @@ class Stack:
         self.report["patched_by"] = [n for n, _ in self._undos]
 
     def _apply_datasets(self, out: dict[str, Any], args: Any) -> None:
-        for key in ("train_dataset", "eval_dataset"):
+        for key, split in (("train_dataset", "train"), ("eval_dataset", "eval")):
             if out.get(key) is None:
                 continue
             answer = self._single("sft_prepare_dataset", f"{key} transform", dataset=out[key],
-                                  processing_class=out.get("processing_class"), args=args)
+                                  processing_class=out.get("processing_class"), args=args, split=split,
+                                  formatting_func=out.get("formatting_func"))
             if answer is not None:
                 out[key] = answer[1]
                 self.report[key] = answer[0]
@@ -225,6 +241,7 @@ class Stack:
             except Exception as exc:  # keep undoing the rest; report all at the end
                 errors.append(f"{name}: {type(exc).__name__}: {exc}")
         self._prepared = False
+        self._state = {}
         if errors:
             raise PluginError("undo failed for: " + "; ".join(errors))
 

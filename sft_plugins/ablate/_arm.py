@@ -24,8 +24,6 @@ Measured per optimizer step (see docs/ablate.md):
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import os
 import pathlib
@@ -35,20 +33,13 @@ import time
 import traceback
 from typing import Any
 
+from .._discovery import load_object
+
 EVENT_PREFIX = "@@sft-ablate "
 
 
 def emit(event: str, **data: Any) -> None:
     print(EVENT_PREFIX + json.dumps({"event": event, **data}, default=str), flush=True)
-
-
-def load_object(spec: str) -> Any:
-    """``module[:attr]`` -> the object (an instance when it is a class), like an entry point's value."""
-    module_name, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(module_name)
-    for part in filter(None, attr.split(".")):
-        obj = getattr(obj, part)
-    return obj() if inspect.isclass(obj) else obj
 
 
 # -- model, data, args ----------------------------------------------------------------------------

@@ -19,14 +19,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._discovery import PluginInfo, available, info_for_object
+from .._discovery import PluginInfo, available, info_for_object, load_object
 from .._errors import PluginError
 from .._stack import compose
-from ._arm import EVENT_PREFIX, load_object
+from ._arm import EVENT_PREFIX
 from ._config import BASELINE, AblationConfig, ConfigError
 
 TAIL_LINES = 25
@@ -223,3 +223,43 @@ def _kill(proc: subprocess.Popen[str]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)  # the child's own group (start_new_session)
     except (ProcessLookupError, PermissionError):
         proc.kill()
+
+
+RESULT_PREFIX = "RESULT "
+
+
+def run_arm_subprocess(cmd: Sequence[str], timeout: float, *, env: Mapping[str, str] | None = None,
+                       cwd: str | os.PathLike[str] | None = None, prefix: str = RESULT_PREFIX) -> dict[str, Any]:
+    """Run one arm's command to completion, or kill it at ``timeout`` seconds, and read its result.
+
+    The simple protocol of the benchmark scripts (``benchmarks/``), where an arm is a command that
+    prints its result as one stdout line ``RESULT {json}`` (``prefix``; the last such line counts). As
+    in :func:`run_child`, the command gets its own process group, so a timeout or Ctrl-C takes down it
+    and whatever it started, and nothing else. Returns ``result`` (the parsed dict, or None when no
+    line parsed), ``timed_out``, ``returncode``, ``wall_s``, ``stdout`` and ``stderr``; what a missing
+    result or a timeout means is the caller's to say.
+    """
+    started = time.monotonic()
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=None if env is None else dict(env), text=True,
+                            errors="replace", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill(proc)
+        out, err = proc.communicate()
+    except BaseException:
+        _kill(proc)  # Ctrl-C reaches only this process (the child has its own session)
+        raise
+    result = None
+    for line in reversed(out.splitlines()):
+        if line.startswith(prefix):
+            try:
+                result = json.loads(line[len(prefix):])
+                break
+            except json.JSONDecodeError:
+                continue
+    return {"result": result, "timed_out": timed_out, "returncode": proc.returncode,
+            "wall_s": time.monotonic() - started, "stdout": out, "stderr": err}

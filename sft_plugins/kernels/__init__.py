@@ -1,7 +1,8 @@
-"""Fused linear + cross-entropy head (Triton on CUDA, Triton interpreter or torch on CPU); the 8-bit
-blockwise AdamW step used by the adamw_8bit plugin on CUDA.
+"""The project's kernels, and the only way into them: the fused linear + cross-entropy head (Triton on
+CUDA, Triton interpreter or torch on CPU), the 8-bit blockwise AdamW step (adamw_8bit on CUDA), and the
+SwiGLU and RMSNorm forward/backward of smart_checkpointing's lean recompute.
 
-Imports only torch (and, lazily, triton); no transformers.
+Imports only torch (and, lazily, triton); no transformers. Environment settings: ``_backend.CE_SETTINGS``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,32 @@ import torch
 
 from ._function import CEStats, _apply
 
-__all__ = ["CEStats", "adam8bit_blockwise_step_", "fused_linear_cross_entropy", "fused_linear_cross_entropy_stats"]
+__all__ = [
+    "CEStats",
+    "adam8bit_blockwise_step_",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_stats",
+    "rmsnorm_backward",
+    "rmsnorm_forward",
+    "swiglu_backward_",
+    "swiglu_forward",
+]
+
+# Loaded on first use (module __getattr__, PEP 562): the cross-entropy path does not import them.
+_LAZY = {
+    "rmsnorm_forward": "._rmsnorm",
+    "rmsnorm_backward": "._rmsnorm",
+    "swiglu_forward": "._swiglu",
+    "swiglu_backward_": "._swiglu",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def adam8bit_blockwise_step_(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
@@ -59,9 +85,9 @@ def fused_linear_cross_entropy(
 
     Returns the loss in fp32 (scalar, or per token for ``"none"``). If every label is ignored the
     loss is 0 and all gradients are 0. Private ``_backend`` ("triton" | "torch"), ``_chunk_rows``
-    and ``_dw_accum`` ("auto" | "fp32" | "native") exist for tests and benchmarks; the env vars
-    ``SFT_PLUGINS_CE_BACKEND``, ``SFT_PLUGINS_CE_DW_ACCUM`` and ``SFT_PLUGINS_CE_WORKSPACE_MB`` set
-    the same globally.
+    and ``_dw_accum`` ("auto" | "fp32" | "native") exist for tests and benchmarks; the environment
+    variables of ``_backend.CE_SETTINGS`` (``SFT_PLUGINS_CE_BACKEND``, ``_DW_ACCUM``,
+    ``_WORKSPACE_MB``, ...) set the same globally.
     """
     loss, _, _ = _apply(
         hidden, weight, labels, bias=bias, ignore_index=ignore_index, reduction=reduction,

@@ -31,13 +31,12 @@ cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 
-from ._backend import triton_runs_on
+from ._backend import ce_setting, triton_runs_on
 
 # The project's target for extra peak memory is 256 MiB; leave room for the per-token vectors.
 _DEFAULT_WORKSPACE_CAP = 240 << 20
@@ -71,7 +70,7 @@ class _Opts:
 
 
 def _pick_backend(device: torch.device, requested: str | None) -> str:
-    choice = requested or os.environ.get("SFT_PLUGINS_CE_BACKEND", "auto")
+    choice = requested or ce_setting("BACKEND")
     if choice not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown backend {choice!r}; use 'auto', 'triton' or 'torch'")
     if choice != "auto":
@@ -94,7 +93,7 @@ def _row_fn(backend: str) -> Callable[..., None]:
 
 
 def _workspace_budget(device: torch.device) -> int:
-    env = os.environ.get("SFT_PLUGINS_CE_WORKSPACE_MB")
+    env = ce_setting("WORKSPACE_MB")
     if env:
         return int(float(env) * (1 << 20))
     if device.type == "cuda":
@@ -137,7 +136,7 @@ def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:
     """
     # Off by default: on the H200, cuBLAS's own choice for the few-tile dH GEMM was as fast or
     # faster (gemma2-2b frozen: 33.1 ms unsplit vs 34.8 ms split 2; benchmarks/notes_fused_ce.md).
-    env = os.environ.get("SFT_PLUGINS_CE_DH_SPLIT", "1")
+    env = ce_setting("DH_SPLIT")
     if env != "auto":
         return max(1, int(env))
     if not w.is_cuda or not w.is_contiguous():
@@ -303,7 +302,7 @@ def _chunk_loop(
     # one read of each logit instead of two (the row kernel's docstring says how); not for what the
     # per-row factor cannot carry (bias grads, smoothing's dense term) nor fp16, whose range is too short
     one_pass = (write_grad and not need_b and not opts.smoothing and cdt != torch.float16
-                and os.environ.get("SFT_PLUGINS_CE_ONE_PASS", "1") == "1")
+                and ce_setting("ONE_PASS") == "1")
     rfac = hs_buf = None
     if n_valid:
         if buf is None:
@@ -504,7 +503,7 @@ def _apply(
         cdt = torch.get_autocast_dtype(dev.type)
     else:
         cdt = torch.promote_types(hidden.dtype, weight.dtype)
-    mode = dw_accum or os.environ.get("SFT_PLUGINS_CE_DW_ACCUM", "auto")
+    mode = dw_accum or ce_setting("DW_ACCUM")
     if mode not in ("auto", "fp32", "native"):
         raise ValueError(f"dw_accum must be 'auto', 'fp32' or 'native', got {mode!r}")
     opts = _Opts(

@@ -18,11 +18,11 @@ differs between Triton 3.6 and 3.9 and does not exist in the interpreter; on CUD
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from ._backend import ce_setting, triton_interpret
 
 
 @triton.jit
@@ -264,8 +264,8 @@ def _launch_config(V: int, one_pass: bool, softcap: bool, interpret: bool) -> tu
         # (benchmarks/results/fused_ce_probe_rows_h200.json)
         block = min(triton.next_power_of_2(V), 1 << 14)
         warps = max(4, min(32, block // 512))
-    block = int(os.environ.get("SFT_PLUGINS_CE_BLOCK_V", "0")) or block
-    warps = int(os.environ.get("SFT_PLUGINS_CE_NUM_WARPS", "0")) or warps
+    block = int(ce_setting("BLOCK_V")) or block
+    warps = int(ce_setting("NUM_WARPS")) or warps
     return block, warps
 
 
@@ -295,18 +295,18 @@ def ce_rows_triton(
     if C == 0:
         return
     assert logits.stride(1) == 1
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = triton_interpret()
     want_stats = ent_out is not None
     dummy = loss_out  # never read when the matching flag is off
     block, num_warps = _launch_config(V, rfac_out is not None, bool(softcap), interpret)
     grid = C
-    per_sm = int(os.environ.get("SFT_PLUGINS_CE_PROGRAMS_PER_SM", "0"))
+    per_sm = int(ce_setting("PROGRAMS_PER_SM"))
     if per_sm > 0:
         sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 1
         grid = min(C, per_sm * sms)
     # the approximation only where it is below the rounding of the logits themselves (bf16/fp16)
     hw_tanh = (bool(softcap) and logits.dtype != torch.float32 and not interpret and torch.version.hip is None
-               and os.environ.get("SFT_PLUGINS_CE_TANH", "1") == "1")
+               and ce_setting("TANH") == "1")
     u_scale = float(logit_scale) / float(softcap) if softcap else 1.0  # a multiply instead of a divide
     cap = float(softcap) if softcap else 1.0
     if rfac_out is not None:
@@ -349,7 +349,7 @@ def ce_rows_triton(
         WANT_STATS=want_stats,
         HW_TANH=hw_tanh,
         # backwards pass 2 reads part of the row from L2: -25% time plain; with softcap it was slower
-        REVERSE=os.environ.get("SFT_PLUGINS_CE_REVERSE", "0" if softcap else "1") == "1",
+        REVERSE=(ce_setting("REVERSE") or ("0" if softcap else "1")) == "1",
         BLOCK_V=block,
         num_warps=num_warps,
     )
@@ -371,6 +371,6 @@ def scale_inplace_triton(x: torch.Tensor, g: torch.Tensor) -> None:
     n = x.numel()
     if n == 0:
         return
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    interpret = triton_interpret()
     block = min(triton.next_power_of_2(n), 1 << 16) if interpret else 8192
     _scale_kernel[(triton.cdiv(n, block),)](x, g.float().reshape(()), n, BLOCK=block, num_warps=8)

@@ -3,7 +3,7 @@
 transformers' ``LlamaRMSNorm`` (and its copies: Mistral, Qwen2, Qwen3, ...) casts its input to fp32 and
 autograd keeps that fp32 copy for the backward: in bf16, twice the input's size per norm, two norms per
 layer. Here one fused function keeps only the input (alive anyway, or half the size) and one fp32 value per
-row (kernels/_rmsnorm.py). Forward values equal the module's own up to the order of the mean's sum.
+row (``sft_plugins.kernels.rmsnorm_forward``). Forward values equal the module's own up to the order of the mean's sum.
 
 Only modules whose ``forward`` is the very code of ``LlamaRMSNorm.forward`` are replaced (Gemma's ``1 + w``
 norm and others keep their own), and only where a graph is being built (the recompute).
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..kernels._rmsnorm import rmsnorm_backward, rmsnorm_forward
+from ...kernels import rmsnorm_backward, rmsnorm_forward
 
 
 def _same_code(a: Any, b: Any) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..kernels._swiglu import swiglu_backward_, swiglu_forward
+from ...kernels import swiglu_backward_, swiglu_forward
 
 
 @dataclass

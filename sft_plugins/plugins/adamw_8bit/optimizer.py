@@ -1,30 +1,8 @@
-"""adamw_8bit: the trainer's optimizer becomes bitsandbytes' 8-bit AdamW.
+"""The optimizer behind ``adamw_8bit``: bitsandbytes' (Paged)AdamW8bit with per-instance 32-bit state for
+embeddings, a sync-free CUDA step calling the compiled (or our Triton) kernels directly, the probe that
+proves bitsandbytes can step on the training device, and a state-memory meter.
 
-The plugin answers only ``optimizer_cls_and_kwargs=``: the unmodified ``Trainer.create_optimizer``
-still builds the parameter groups (trainable parameters only; decay vs no-decay by its own
-``get_decay_parameter_names``) and hands them to our class, so the grouping is Trainer's by
-construction rather than re-implemented here. The kwargs carry the args' learning rate, betas, eps and
-weight decay.
-
-Embedding and lm_head parameters keep 32-bit state (what HF does for ``nn.Embedding`` when
-``optim="adamw_bnb_8bit"``): their rows are updated sparsely and 8-bit blockwise quantisation of rare
-tokens' moments hurts. HF does it through bitsandbytes' ``GlobalOptimManager``, a process-global
-singleton keyed by ``id(param)`` that is never cleared; ids are recycled after garbage collection, so
-an override could leak into the next ablation arm's model. We give the same override per optimizer
-instance instead (``get_config`` of a thin subclass), which leaves no process-global state behind:
-``undo()`` has nothing to restore, and a user's own ``GlobalOptimManager`` overrides still win.
-
-Refusals (``sft_check``, each naming the fix): bitsandbytes missing or unable to step on the training
-device (probed), ``args.optim`` naming another optimizer, ``optim_args``/``optim_target_modules``,
-DeepSpeed, FSDP, ``paged`` off CUDA. ``optimizers=``/``optimizer_cls_and_kwargs=`` given by the user are
-refused by the core whenever a plugin supplies the optimizer.
-
-The step (non-paged, CUDA) calls the kernels directly instead of through bitsandbytes' per-parameter
-Python (a device sync and ~100 us of host work per tensor); the 8-bit updates run in our Triton kernel
-(``kernels/_triton_adam8bit.py``: bitsandbytes' state format and CUDA arithmetic, twice its speed),
-``kernel="bitsandbytes"`` keeps its own. Paged and CPU optimizers step exactly as bitsandbytes does.
-
-torch, transformers and bitsandbytes are imported inside functions only: listing plugins stays cheap.
+torch and bitsandbytes are imported inside functions: the plugin's hook module imports this cheaply.
 """
 
 from __future__ import annotations
@@ -33,52 +11,13 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-from .._markers import hookimpl
-from ._fsdp import fsdp_requested
 
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "paged": False,           # PagedAdamW8bit: state in CUDA unified memory, evicted to host under pressure
-    "fp32_embeddings": True,  # 32-bit state for nn.Embedding and lm_head parameters, as HF does
-    "min_8bit_size": 4096,    # bitsandbytes' default: smaller tensors keep 32-bit state
-    "kernel": "triton",       # 8-bit updates on CUDA: "triton" (ours, same state format, 2x faster on an
-                              # H200) or "bitsandbytes" (its compiled kernel); CPU always uses bitsandbytes
-}
-_KERNELS = ("triton", "bitsandbytes")
-# args.optim values the plugin may stand in for: the AdamW defaults (transformers picks
-# adamw_torch_fused on torch >= 2.8, adamw_torch before) and HF's own bitsandbytes 8-bit AdamW names,
-# which ask for exactly what this plugin supplies. Anything else would be silently ignored by Trainer
-# once optimizer_cls_and_kwargs is set, so it is refused.
-_COMPATIBLE_OPTIM = {"adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "adamw_8bit"}
-_PAGED_OPTIM = {"paged_adamw_8bit"}
-
-
-def _options(options: dict[str, Any] | None) -> dict[str, Any]:
-    return {**DEFAULT_OPTIONS, **(options or {})}
-
-
-def _option_errors(options: dict[str, Any]) -> list[str]:
-    errors = []
-    unknown = sorted(set(options) - set(DEFAULT_OPTIONS))
-    if unknown:
-        errors.append(f"unknown option(s) {unknown}; adamw_8bit takes {sorted(DEFAULT_OPTIONS)}")
-    opts = _options(options)
-    for key in ("paged", "fp32_embeddings"):
-        if not isinstance(opts[key], bool):
-            errors.append(f"option {key!r} must be true or false, got {opts[key]!r}")
-    if opts["kernel"] not in _KERNELS:
-        errors.append(f"option 'kernel' must be one of {list(_KERNELS)}, got {opts['kernel']!r}")
-    size = opts["min_8bit_size"]
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        errors.append(f"option 'min_8bit_size' must be a positive integer, got {size!r}")
-    return errors
-
-
-def _optim_name(args: Any) -> str:
+def optim_name(args: Any) -> str:
     optim = getattr(args, "optim", None)
     return str(getattr(optim, "value", optim))
 
 
-def _target_device(args: Any) -> str:
+def target_device(args: Any) -> str:
     """The device type the Trainer will train on, decided like ``TrainingArguments`` does, without
     touching ``args.device`` (that initialises accelerate's process state as a side effect)."""
     import torch
@@ -95,7 +34,7 @@ def _target_device(args: Any) -> str:
     return "cpu"
 
 
-def _probe(device: str, paged: bool) -> str | None:
+def probe(device: str, paged: bool) -> str | None:
     """Step a bitsandbytes 8-bit AdamW once on ``device``; return why it cannot, or None.
 
     Importing bitsandbytes succeeds even when its native library lacks the device (it only warns),
@@ -232,9 +171,11 @@ def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
         return None
     if kernel == "triton":
         try:
-            from ..kernels import _triton_adam8bit
+            import triton  # noqa: F401  (the kernel compiles lazily: check Triton is there now)
 
-            found["triton"] = _triton_adam8bit.adam8bit_blockwise_step_
+            from ...kernels import adam8bit_blockwise_step_
+
+            found["triton"] = adam8bit_blockwise_step_
         except Exception:  # noqa: BLE001 - no usable Triton: bitsandbytes' kernel does the 8-bit updates
             found["triton"] = None
     return found
@@ -298,100 +239,6 @@ def find_optimizer(optimizer: Any) -> Any:
     while optimizer is not None and not isinstance(optimizer, classes) and seen < 8:
         optimizer, seen = getattr(optimizer, "optimizer", None), seen + 1
     return optimizer if isinstance(optimizer, classes) else None
-
-
-@functools.cache
-def _callback_class() -> type:
-    from transformers import TrainerCallback
-
-    class AdamW8bitEmbeddingsCallback(TrainerCallback):
-        """Re-reads the embedding parameters from the trainer's own model at train begin.
-
-        The model given to ``prepare`` may be a string, or be wrapped later (PEFT's
-        ``modules_to_save`` copies embeddings into new parameters). The optimizer is built before
-        ``on_train_begin`` but creates its state lazily at the first step, so adding ids here is in time.
-        """
-
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None,
-                           optimizer: Any = None, **kwargs: Any) -> None:
-            ours = find_optimizer(optimizer)
-            if ours is not None:
-                ours.add_fp32_params(embedding_parameters(model))
-
-    return AdamW8bitEmbeddingsCallback
-
-
-# -- hooks -----------------------------------------------------------------------------------------
-
-
-@hookimpl
-def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "summary": "bitsandbytes 8-bit AdamW (paged optional) as the trainer's optimizer: ~2 bytes of state "
-                   "per parameter instead of 8; embeddings and lm_head keep 32-bit state",
-        # 8-bit moments change the updates, so per-step losses drift from fp32 AdamW by design;
-        # parity is measured as convergence (tests: final loss within 2% after 200 steps).
-        "loss_parity": None,
-    }
-
-
-@hookimpl
-def sft_check(args: Any, options: dict[str, Any]) -> list[str]:
-    errors = _option_errors(options)
-    if errors:
-        return errors
-    opts = _options(options)
-    if args is None:
-        return ["adamw_8bit reads the learning rate, betas, eps and weight decay from the training arguments: "
-                "pass args=SFTConfig(...) or args=TrainingArguments(...) to prepare()"]
-    optim = _optim_name(args)
-    if optim in _PAGED_OPTIM and not opts["paged"]:
-        errors.append(f"args.optim={optim!r} asks for paged state: compose with "
-                      "options={'adamw_8bit': {'paged': True}}, or leave optim at its default")
-    elif optim not in _COMPATIBLE_OPTIM | _PAGED_OPTIM:
-        errors.append(f"args.optim={optim!r} asks for another optimizer, which adamw_8bit would replace: "
-                      "leave optim at its default (adamw_torch_fused) or drop the adamw_8bit plugin")
-    if getattr(args, "optim_args", None):
-        errors.append(f"args.optim_args={args.optim_args!r} would be ignored by adamw_8bit: unset it")
-    if getattr(args, "optim_target_modules", None):
-        errors.append("args.optim_target_modules (GaLore/APOLLO) does not apply to adamw_8bit: unset it")
-    if getattr(args, "deepspeed", None):
-        errors.append("DeepSpeed builds or wraps its own optimizer: use its optimizer config instead of "
-                      "adamw_8bit, or drop args.deepspeed")
-    fsdp = fsdp_requested(args)  # args.fsdp, or accelerate's environment (`accelerate launch --use_fsdp`)
-    if fsdp:
-        where = "args.fsdp" if fsdp == "args" else "FSDP in the accelerate config / ACCELERATE_USE_FSDP"
-        errors.append(f"adamw_8bit is not verified with FSDP (sharded DTensor parameters, sharded 8-bit state): "
-                      f"drop {where}, or the plugin")
-    problem = _probe(_target_device(args), opts["paged"])
-    if problem:
-        errors.append(problem)
-    return errors
-
-
-@hookimpl
-def sft_optimizer_cls_and_kwargs(model: Any, args: Any, options: dict[str, Any]) -> tuple[type, dict[str, Any]]:
-    opts = _options(options)
-    cls = optimizer_classes()[bool(opts["paged"])]
-    kwargs: dict[str, Any] = {
-        "lr": args.learning_rate,
-        "betas": (args.adam_beta1, args.adam_beta2),
-        "eps": args.adam_epsilon,
-        # Trainer sets weight_decay on each group (args.weight_decay or 0.0 for bias/norm); this
-        # default only matters for a group without it, and must not be bitsandbytes' 1e-2.
-        "weight_decay": args.weight_decay,
-        "min_8bit_size": int(opts["min_8bit_size"]),
-        "fp32_params": embedding_parameters(model) if opts["fp32_embeddings"] else [],
-        "kernel": opts["kernel"],
-    }
-    return cls, kwargs
-
-
-@hookimpl
-def sft_callbacks(args: Any, options: dict[str, Any]) -> list[Any]:
-    if not _options(options)["fp32_embeddings"]:
-        return []
-    return [_callback_class()()]
 
 
 def _leaf_tensors(value: Any) -> list[Any]:

@@ -1,33 +1,9 @@
-"""fused_ce: the training loss goes through ``sft_plugins.kernels``' fused linear + cross-entropy head.
+"""The ``fused_ce`` patch: our forward on one base model instance, what it delegates to, how TRL's
+``add_fused_lm_head`` is intercepted while a model is patched, and how everything is put back.
 
-How it takes over, without touching either trainer's code:
-
-* ``sft_patch_model`` installs one forward on the *base* model instance (under any PEFT wrappers;
-  PEFT's ``LoraModel.forward`` calls ``self.model.forward``, i.e. this instance attribute). In
-  training mode it serves
-
-  - ``model(..., labels=..., num_items_in_batch=...)`` (``transformers.Trainer``): backbone, then the
-    kernel on the shifted hidden states with HF's ``ForCausalLMLoss`` normalisation (sum over valid
-    tokens / ``num_items_in_batch``, or the mean); the logits are never built (``logits=None``);
-  - ``model(..., fused_lm_head=True)`` (TRL ``SFTTrainer.compute_loss``): the same, returning TRL's
-    ``FusedCausalLMOutput`` with ``log_probs`` (with grad), ``entropy``, ``is_top1`` and
-    ``label_mask`` from the kernel's stats pass, so TRL's loss code, its ``entropy`` and its
-    ``mean_token_accuracy`` metrics run unmodified on our numbers.
-
-  Everything else (eval mode, generation, no labels, ``logits_to_keep``) goes to the forward that
-  would have run without the plugin.
-* ``SFTTrainer.__init__`` calls ``add_fused_lm_head`` (imported by name into
-  ``trl.trainer.sft_trainer``), which would replace our forward with TRL's. While a model is
-  patched, that name points to an interceptor: for *our* models it lets TRL install its head (so
-  TRL's forward exists as the eval/generation delegate, exactly as in the baseline), then puts our
-  forward back in front of it; other models go straight to TRL. A guard callback re-checks at
-  ``on_train_begin`` (catching a trainer that installed TRL's head some other way) and refuses to
-  train if something else replaced the forward.
-* ``undo()`` leaves the model as the baseline would be at that point: TRL's head if TRL asked for
-  one, otherwise the model's forward as before; the TRL module name is restored once no model is
-  patched.
-
-torch / transformers / trl / peft are imported inside functions only.
+The patch of a model is found from the model itself (an instance attribute, removed by undo), and the
+interceptor keeps TRL's original and its own user count on itself: no module-level run state, so two
+stacks in one process patch two models independently.
 """
 
 from __future__ import annotations
@@ -39,56 +15,23 @@ import weakref
 from collections import Counter
 from typing import Any, Callable
 
-from .._errors import PluginError
-from .._markers import hookimpl
-from . import _lm_head
-from ._fsdp import is_dtensor, is_fsdp_module
+from ..._errors import PluginError
+from ..shared import is_dtensor, is_fsdp_module
+from . import lm_head as _lm_head
 
-NAME = "fused_ce"
-DEFAULT_OPTIONS: dict[str, Any] = {
-    "backend": "auto",          # "auto" (Triton on CUDA / under TRITON_INTERPRET, else torch), "triton", "torch"
-    "lm_head_lora": "train",    # a LoRA adapter on lm_head: "train" it through the kernel, or "refuse"
-    "extra_model_types": [],    # model_types the user vouches for (plain lm_head + config scale/softcap)
-}
-_BACKENDS = ("auto", "triton", "torch")
-_LORA_MODES = ("train", "refuse")
+_MARK = "_sft_plugins_fused_ce"
+_PATCH_ATTR = "_sft_plugins_fused_ce_patch"  # on the base model instance while it is patched
+_TRL_MODULE = "trl.trainer.sft_trainer"
 # What SFTTrainer asks TRL's head for; used when the guard has to reinstall TRL's head itself.
 _SFT_OUTPUTS = ("log_probs", "entropy", "is_top1")
-_MARK = "_sft_plugins_fused_ce"
-_TRL_MODULE = "trl.trainer.sft_trainer"
-
-# id(base model) -> its live patch (removed by undo). nn.Module hashes by identity anyway; the id
-# plus a weakref check guards against a recycled id should a patched model die without undo.
-_PATCHES: dict[int, _Patch] = {}
-_TRL_ORIGINAL: Callable[..., None] | None = None  # TRL's add_fused_lm_head while we intercept it
-_LAST_PATCH: weakref.ref[_Patch] | None = None  # the patch of the prepare() in progress (for its callback)
-
-
-def _options(options: dict[str, Any] | None) -> dict[str, Any]:
-    return {**DEFAULT_OPTIONS, **(options or {})}
-
-
-def _option_errors(options: dict[str, Any] | None) -> list[str]:
-    errors = []
-    unknown = sorted(set(options or {}) - set(DEFAULT_OPTIONS))
-    if unknown:
-        errors.append(f"unknown option(s) {unknown}; fused_ce takes {sorted(DEFAULT_OPTIONS)}")
-    opts = _options(options)
-    if opts["backend"] not in _BACKENDS:
-        errors.append(f"option 'backend' must be one of {_BACKENDS}, got {opts['backend']!r}")
-    if opts["lm_head_lora"] not in _LORA_MODES:
-        errors.append(f"option 'lm_head_lora' must be one of {_LORA_MODES}, got {opts['lm_head_lora']!r}")
-    extra = opts["extra_model_types"]
-    if isinstance(extra, str) or not all(isinstance(t, str) for t in extra):
-        errors.append(f"option 'extra_model_types' must be a list of model_type strings, got {extra!r}")
-    return errors
 
 
 # -- the patch ------------------------------------------------------------------------------------
-class _Patch:
+class Patch:
     """Our forward on one base model, what it delegates to, and how to put things back."""
 
     def __init__(self, model: Any, options: dict[str, Any]):
+        # options as validated by the plugin's schema
         self.model_ref = weakref.ref(model)
         self.backend: str | None = None if options["backend"] == "auto" else options["backend"]
         self.lora_mode: str = options["lm_head_lora"]
@@ -175,7 +118,7 @@ def _check_head(model: Any, lora_mode: str) -> None:
         raise PluginError(f"fused_ce: {exc}") from None
 
 
-def _make_forward(patch: _Patch, cls_forward: Callable[..., Any]) -> Callable[..., Any]:
+def _make_forward(patch: Patch, cls_forward: Callable[..., Any]) -> Callable[..., Any]:
     # functools.wraps keeps the class forward's signature: Trainer reads it to decide whether the model
     # takes num_items_in_batch, generate() validates kwargs against it, TRL derives its columns from it
     @functools.wraps(cls_forward)
@@ -227,7 +170,7 @@ def _hidden_and_labels(model: Any, args: tuple, kwargs: dict[str, Any], labels: 
     return out, hidden, labels
 
 
-def _kernel_inputs(model: Any, patch: _Patch, hidden: Any) -> tuple[Any, Any, Any]:
+def _kernel_inputs(model: Any, patch: Patch, hidden: Any) -> tuple[Any, Any, Any]:
     # Resolved per call: PEFT / FSDP may replace the head after prepare(); cheap type checks only
     head = model.get_output_embeddings()
     _unshard_fsdp_head(head)
@@ -262,7 +205,7 @@ def _unshard_fsdp_head(head: Any) -> None:
             module.unshard()
 
 
-def _labels_forward(model: Any, patch: _Patch, args: tuple, kwargs: dict[str, Any], labels: Any,
+def _labels_forward(model: Any, patch: Patch, args: tuple, kwargs: dict[str, Any], labels: Any,
                     shift_labels: Any, num_items_in_batch: Any) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -280,7 +223,7 @@ def _labels_forward(model: Any, patch: _Patch, args: tuple, kwargs: dict[str, An
                                   attentions=getattr(out, "attentions", None))
 
 
-def _trl_forward(model: Any, patch: _Patch, args: tuple, kwargs: dict[str, Any], labels: Any,
+def _trl_forward(model: Any, patch: Patch, args: tuple, kwargs: dict[str, Any], labels: Any,
                  shift_labels: Any, num_items_in_batch: Any) -> Any:
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
@@ -304,47 +247,73 @@ def _trl_forward(model: Any, patch: _Patch, args: tuple, kwargs: dict[str, Any],
 
 
 # -- intercepting TRL's add_fused_lm_head ---------------------------------------------------------
-def _intercept(model: Any, *args: Any, **kwargs: Any) -> None:
-    """Stands in for ``trl.trainer.sft_trainer.add_fused_lm_head`` while a model is patched."""
-    original = _TRL_ORIGINAL
-    assert original is not None
-    patch = _PATCHES.get(id(model))
-    if patch is None or patch.model_ref() is not model:
-        return original(model, *args, **kwargs)
-    patch.adopt_trl_head(original, args, kwargs)
-    return None
+class TrlHeadInterceptor:
+    """Stands in for ``trl.trainer.sft_trainer.add_fused_lm_head`` while any model is patched: for a
+    patched model it lets TRL install its head and puts ours back in front; others go straight to TRL.
+    It holds TRL's original and how many patches use it (the module attribute is process-global)."""
+
+    def __init__(self, original: Callable[..., None]) -> None:
+        self.original = original
+        self.users = 0
+        setattr(self, _MARK, True)
+
+    def __call__(self, model: Any, *args: Any, **kwargs: Any) -> None:
+        patch = patch_of_base(model)
+        if patch is None:
+            return self.original(model, *args, **kwargs)
+        patch.adopt_trl_head(self.original, args, kwargs)
+        return None
 
 
-setattr(_intercept, _MARK, True)
-
-
-def _install_trl_interceptor() -> None:
-    """Point SFTTrainer's ``add_fused_lm_head`` at the interceptor, if TRL is (or will be) in use.
-
-    TRL is imported only when already imported or when ``args`` is TRL's; a trainer built after a
-    later TRL import is caught by the guard callback instead."""
-    global _TRL_ORIGINAL
+def install_trl_interceptor() -> TrlHeadInterceptor | None:
+    """Point SFTTrainer's ``add_fused_lm_head`` at the interceptor (one per process, shared by the
+    patches), if TRL is in use; returns it, counted as used, or None when TRL is not imported (a trainer
+    built after a later TRL import is caught by the guard callback instead)."""
     module = sys.modules.get(_TRL_MODULE)
-    if module is None or _TRL_ORIGINAL is not None:
-        return
-    current = getattr(module, "add_fused_lm_head", None)
-    if current is None or getattr(current, _MARK, False):
-        return
-    _TRL_ORIGINAL = current
-    module.add_fused_lm_head = _intercept
+    current = getattr(module, "add_fused_lm_head", None) if module is not None else None
+    if current is None:
+        return None
+    if not isinstance(current, TrlHeadInterceptor):
+        current = TrlHeadInterceptor(current)
+        module.add_fused_lm_head = current
+    current.users += 1
+    return current
 
 
-def _remove_trl_interceptor() -> None:
-    global _TRL_ORIGINAL
-    if _PATCHES or _TRL_ORIGINAL is None:
-        return
+def release_trl_interceptor(interceptor: TrlHeadInterceptor) -> None:
+    """One patch less; the last one gives TRL its function back."""
+    interceptor.users -= 1
     module = sys.modules.get(_TRL_MODULE)
-    if module is not None and getattr(module, "add_fused_lm_head", None) is _intercept:
-        module.add_fused_lm_head = _TRL_ORIGINAL
-    _TRL_ORIGINAL = None
+    if interceptor.users <= 0 and module is not None and getattr(module, "add_fused_lm_head", None) is interceptor:
+        module.add_fused_lm_head = interceptor.original
 
 
-def _ensure_taken_over(patch: _Patch, model: Any) -> None:
+def patch_of_base(base: Any) -> Patch | None:
+    """The live patch of a base model instance, or None."""
+    patch = vars(base).get(_PATCH_ATTR) if hasattr(base, "__dict__") else None
+    return patch if patch is not None and patch.active else None
+
+
+def apply_patch(base: Any, options: dict[str, Any]) -> tuple[Patch, Callable[[], None]]:
+    """Install our forward on ``base``; returns the patch and its undo."""
+    patch = Patch(base, options)
+    vars(base)[_PATCH_ATTR] = patch
+    interceptor = install_trl_interceptor()
+    patch.install()
+
+    def undo() -> None:
+        try:
+            patch.undo()
+        finally:
+            if vars(base).get(_PATCH_ATTR) is patch:
+                del vars(base)[_PATCH_ATTR]
+            if interceptor is not None:
+                release_trl_interceptor(interceptor)
+
+    return patch, undo
+
+
+def ensure_taken_over(patch: Patch, model: Any) -> None:
     """Called when training begins: our forward must be the one the trainer will call."""
     if not patch.active:
         return  # the stack was undone: the trainer now trains as the baseline would
@@ -374,113 +343,3 @@ def is_trl_head(fn: Any) -> bool:
     return code is not None and code.co_name == "_fused_forward" and "trl" in code.co_filename
 
 
-_GUARD_CLASS: type | None = None
-
-
-def _guard_callback(patch: _Patch) -> Any:
-    global _GUARD_CLASS
-    if _GUARD_CLASS is None:
-        from transformers import TrainerCallback
-
-        class FusedCEGuard(TrainerCallback):
-            """Checks at train begin that the loss path is ours (reinstalling over TRL's head if needed)."""
-
-            def __init__(self, patch: _Patch) -> None:
-                self.patch = patch
-
-            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-                if model is not None:
-                    _ensure_taken_over(self.patch, model)
-
-        _GUARD_CLASS = FusedCEGuard
-    return _GUARD_CLASS(patch)
-
-
-def patch_of(model: Any) -> _Patch | None:
-    """The live patch of ``model`` (or of its base under PEFT), for tests and debugging."""
-    base = _lm_head.base_of(model)
-    patch = _PATCHES.get(id(base))
-    return patch if patch is not None and patch.model_ref() is base else None
-
-
-def _zero3_enabled() -> bool:
-    if "deepspeed" not in sys.modules:
-        return False
-    try:
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-    except ImportError:
-        return False
-    return bool(is_deepspeed_zero3_enabled())
-
-
-# -- hooks ----------------------------------------------------------------------------------------
-@hookimpl
-def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "summary": "training loss through a fused linear + cross-entropy kernel (no N x V logits), "
-                   "in SFTTrainer (taking over TRL's fused head, keeping its metrics) and Trainer",
-        "loss_parity": 1e-3,
-    }
-
-
-@hookimpl
-def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
-    errors = _option_errors(options)
-    if errors:
-        return errors
-    opts = _options(options)
-    if model is None or isinstance(model, str):
-        return ["fused_ce patches the model: load it and pass model=<PreTrainedModel instance> to prepare()"]
-    base = _lm_head.base_of(model)
-    errors += _lm_head.model_errors(base, set(opts["extra_model_types"]))
-    if not errors and opts["lm_head_lora"] == "refuse":
-        try:
-            _lm_head.resolve_head(base.get_output_embeddings(), lora="refuse")
-        except _lm_head.UnsupportedHead as exc:
-            errors.append(str(exc))
-    if patch_of(base) is not None:
-        errors.append("this model is already patched by another fused_ce stack: undo() that stack first")
-    if args is not None:
-        if getattr(args, "label_smoothing_factor", 0.0):
-            errors.append("label_smoothing_factor > 0 makes the trainer compute the loss from the full logits "
-                          "(its label smoother), bypassing fused_ce: set label_smoothing_factor=0 or drop fused_ce")
-        if _zero3_enabled():
-            errors.append("DeepSpeed ZeRO-3 partitions lm_head.weight, which the kernel reads directly (and "
-                          "re-reads in backward): use ZeRO-2 or FSDP, or drop fused_ce")
-        is_trl = type(args).__module__.startswith("trl.")
-        liger_flce = (getattr(args, "liger_kernel_config", None) or {}).get("fused_linear_cross_entropy", True)
-        if getattr(args, "use_liger_kernel", False) and not is_trl and liger_flce:
-            errors.append("use_liger_kernel=True replaces the model's forward with Liger's fused CE at train "
-                          "start: set liger_kernel_config={'fused_linear_cross_entropy': False} or drop one")
-    return errors
-
-
-@hookimpl
-def sft_patch_model(model: Any, args: Any, options: dict[str, Any]) -> Callable[[], None]:
-    opts = _options(options)
-    base = _lm_head.base_of(model)
-    if args is not None and type(args).__module__.startswith("trl."):
-        import trl.trainer.sft_trainer  # noqa: F401  (SFTConfig given: SFTTrainer will follow)
-    global _LAST_PATCH
-    patch = _Patch(base, opts)
-    _PATCHES[id(base)] = patch
-    _LAST_PATCH = weakref.ref(patch)
-    _install_trl_interceptor()
-    patch.install()
-
-    def undo() -> None:
-        try:
-            patch.undo()
-        finally:
-            if _PATCHES.get(id(base)) is patch:
-                del _PATCHES[id(base)]
-            _remove_trl_interceptor()
-
-    return undo
-
-
-@hookimpl
-def sft_callbacks(args: Any, options: dict[str, Any]) -> list[Any]:
-    # prepare() calls this right after sft_patch_model, so the last patch made is this stack's
-    patch = _LAST_PATCH() if _LAST_PATCH is not None else None
-    return [_guard_callback(patch)] if patch is not None and patch.active else []

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ._fsdp import unsharded_class
+from ..shared import unsharded_class
 
 # model_type -> the CausalLM forward computes ``logits = lm_head(hidden)`` followed only by the
 # transforms read from the config (scale, softcap) and ``loss_function``. Checked against the

@@ -1,8 +1,9 @@
 """Attention over packed rows (several sequences in one row) that never crosses a sequence boundary
 and never builds a dense ``T x T`` mask.
 
-Registered through transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under
-:data:`IMPL_NAME`; the padding_free plugin switches a model to it with
+Registered through transformers' ``AttentionInterface`` / ``AttentionMaskInterface`` under one name
+per backend (:func:`impl_name`, e.g. ``sft_packed_varlen``), so two models (two stacks) in one process
+can use different backends; the padding_free plugin switches a model to it with
 ``model.set_attn_implementation`` and switches back on undo. Backends:
 
 - ``varlen``: ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's flash-attention varlen kernel;
@@ -23,16 +24,29 @@ import functools
 import inspect
 import warnings
 import weakref
+from collections import Counter
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-IMPL_NAME = "sft_packed"
+from ..shared import PACKED_IMPL_PREFIX
+
 BACKENDS = ("varlen", "flex", "loop")
 
-# backend chosen for IMPL_NAME; set by install() (one process = one configuration, like every patch)
-_state: dict[str, Any] = {"backend": "loop", "registered": 0, "fallbacks": 0}
+# What this machine can run, learnt on a kernel's first call (a fact about torch and the GPU, not
+# about any run): backend -> None when it worked, else the error that made us fall back.
+KERNEL_PROBES: dict[str, str | None] = {}
+
+
+# transformers' attention registry is process-global, so the count of installed models using each of our
+# entries is too (it only decides when an entry can be removed; no run reads it).
+_REGISTRY_USERS: Counter[str] = Counter()
+
+
+def impl_name(backend: str) -> str:
+    """The attention-implementation name a model is switched to for ``backend``."""
+    return f"{PACKED_IMPL_PREFIX}_{backend}"
 
 
 def varlen_available() -> bool:
@@ -189,15 +203,14 @@ def _run_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tenso
     return torch.cat(outs, dim=1).transpose(0, 1).reshape(b, t, hq, d)
 
 
-def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
-                             scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+def _attend(backend: str, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+            **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``[B, H, T, D]`` in, ``([B, T, H, D], None)`` out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or key.shape[2] != query.shape[2]:
         # a padded batch or a KV cache: not a packed row; sdpa with the mask transformers built is right
-        _state["fallbacks"] += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if dropout and module.training:
@@ -205,24 +218,23 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                            "attention_dropout=0 or use the padding_free option attention='dense'")
     b, _, t, _ = query.shape
     cu, ml = _bounds(kwargs, b, t, query.device)
-    backend = _state["backend"]
     if backend == "varlen" and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
         backend = "flex" if query.is_cuda else "loop"  # the flash kernel needs CUDA and fp16/bf16
-    if backend in ("varlen", "flex") and not _state.get(backend + "_ok"):
+    while backend in ("varlen", "flex") and KERNEL_PROBES.get(backend):
+        backend = "flex" if backend == "varlen" and query.is_cuda and flex_available() else "loop"
+    if backend in ("varlen", "flex") and backend not in KERNEL_PROBES:
         # First call of a kernel on this machine: if it cannot run here (an older torch, an unsupported
         # GPU), say so once and take the next exact path instead of failing the run.
         try:
             out = _run_varlen(query, key, value, cu, ml, scaling) if backend == "varlen" else \
                 _run_flex(query, key, value, cu, scaling)
-            _state[backend + "_ok"] = True
+            KERNEL_PROBES[backend] = None
             return out, None
         except (RuntimeError, TypeError, NotImplementedError, ValueError) as exc:
-            fallback = "flex" if backend == "varlen" and query.is_cuda and flex_available() else "loop"
-            _state[backend + "_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            _state["backend"] = fallback
-            warnings.warn(f"sft_packed: {backend} attention failed here ({_state[backend + '_error']}); "
-                          f"using {fallback} (exact, possibly slower)", stacklevel=2)
-            return packed_attention_forward(module, query, key, value, None, dropout, scaling, **kwargs)
+            KERNEL_PROBES[backend] = f"{type(exc).__name__}: {exc}"[:500]
+            warnings.warn(f"sft_packed: {backend} attention failed here ({KERNEL_PROBES[backend]}); "
+                          "falling back to an exact, possibly slower path", stacklevel=2)
+            return _attend(backend, module, query, key, value, None, dropout, scaling, **kwargs)
     if backend == "varlen":
         out = _run_varlen(query, key, value, cu, ml, scaling)
     elif backend == "flex" and (query.is_cuda or flex_available()):
@@ -230,6 +242,15 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     else:
         out = _run_loop(query, key, value, cu, scaling)
     return out, None
+
+
+@functools.cache
+def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, None]]:
+    """The attention function registered under :func:`impl_name` for ``backend`` (one object per backend,
+    so unregistering removes only our own entry)."""
+    fn = functools.partial(_attend, backend)
+    functools.update_wrapper(fn, _attend)
+    return fn
 
 
 def packed_mask(**kwargs: Any) -> Any:
@@ -250,23 +271,24 @@ def packed_mask(**kwargs: Any) -> Any:
     return sdpa_mask(**kwargs)
 
 
-def register() -> None:
-    """Add :data:`IMPL_NAME` to transformers' attention and mask registries (idempotent)."""
+def register(backend: str) -> None:
+    """Add :func:`impl_name` of ``backend`` to transformers' attention and mask registries (idempotent)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(IMPL_NAME, packed_attention_forward)
-    AttentionMaskInterface.register(IMPL_NAME, packed_mask)
+    AttentionInterface.register(impl_name(backend), attention_function(backend))
+    AttentionMaskInterface.register(impl_name(backend), packed_mask)
 
 
-def unregister() -> None:
-    """Remove :data:`IMPL_NAME` from the registries (only our own entries)."""
+def unregister(backend: str) -> None:
+    """Remove :func:`impl_name` of ``backend`` from the registries (only our own entries)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    for registry, fn in ((AttentionInterface, packed_attention_forward), (AttentionMaskInterface, packed_mask)):
-        if registry._global_mapping.get(IMPL_NAME) is fn:
-            del registry._global_mapping[IMPL_NAME]
+    name = impl_name(backend)
+    for registry, fn in ((AttentionInterface, attention_function(backend)), (AttentionMaskInterface, packed_mask)):
+        if registry._global_mapping.get(name) is fn:
+            del registry._global_mapping[name]
 
 
 def current_impl(model: Any) -> str | None:
@@ -275,26 +297,27 @@ def current_impl(model: Any) -> str | None:
 
 
 def install(model: Any, backend: str) -> Callable[[], None]:
-    """Switch ``model`` to packed attention with ``backend``; returns the undo."""
+    """Switch ``model`` to packed attention with ``backend``; returns the undo, which switches it back and
+    removes the registry entry once no installed model uses it any more."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    register()
-    _state["registered"] += 1
-    previous, previous_backend = current_impl(model), _state["backend"]
-    _state["backend"] = backend
+    register(backend)
+    _REGISTRY_USERS[backend] += 1
+    name = impl_name(backend)
+    previous = current_impl(model)
 
     def undo() -> None:
-        if current_impl(model) != previous:
+        if current_impl(model) == name:
             model.set_attn_implementation(previous)
-        _state["backend"] = previous_backend
-        _state["registered"] -= 1
-        if _state["registered"] == 0:  # the last user gone: leave transformers' registries as they were
-            unregister()
+        _REGISTRY_USERS[backend] -= 1
+        if _REGISTRY_USERS[backend] <= 0:
+            del _REGISTRY_USERS[backend]
+            unregister(backend)
 
     try:
-        model.set_attn_implementation(IMPL_NAME)
-        if current_impl(model) != IMPL_NAME:
-            raise RuntimeError(f"{type(model).__name__} did not accept attn_implementation={IMPL_NAME!r}")
+        model.set_attn_implementation(name)
+        if current_impl(model) != name:
+            raise RuntimeError(f"{type(model).__name__} did not accept attn_implementation={name!r}")
     except Exception:
         undo()
         raise

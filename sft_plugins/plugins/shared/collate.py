@@ -103,3 +103,19 @@ class PackedCollator:
             "max_length_q": max_len,
             "max_length_k": max_len,
         }
+
+
+def make_packed_collator(processing_class: Any, args: Any, *, completion_only_loss: bool | None = None,
+                         pad_to_multiple_of: int | None = None) -> PackedCollator:
+    """A :class:`PackedCollator` padding with the tokenizer's pad (or EOS) token; ``None`` options fall back
+    to the args' ``completion_only_loss`` / ``pad_to_multiple_of``, as TRL's own collator does."""
+    tok = getattr(processing_class, "tokenizer", processing_class)
+    pad = getattr(tok, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(tok, "eos_token_id", None) or 0
+    if completion_only_loss is None:
+        completion_only_loss = getattr(args, "completion_only_loss", None)
+    if pad_to_multiple_of is None:
+        pad_to_multiple_of = getattr(args, "pad_to_multiple_of", None)
+    return PackedCollator(pad_token_id=int(pad), completion_only_loss=completion_only_loss,
+                          pad_to_multiple_of=pad_to_multiple_of)

@@ -1,107 +1,25 @@
-"""packing: best-fit-decreasing packing of tokenized examples into rows of ``max_length`` tokens.
-
-Hooks: ``sft_describe``, ``sft_check``, ``sft_update_args`` (TRL's own packing/padding-free off and
-its dataset preparation skipped, since the packed dataset is ready), ``sft_patch_model``
-(``use_cache=False``), ``sft_prepare_dataset`` (tokenize like SFTTrainer when needed, build labels,
-split or truncate over-long examples, pack), ``sft_data_collator`` (the boundary-keeping padding-free
-collator, only when ``padding_free`` is not composed: then padding_free's collator, the same class,
-is used, with its fast attention), ``sft_callbacks`` (repack each epoch).
-
-Options:
-    max_length: int (default: ``args.max_length``) - tokens per packed row.
-    overlong: "truncate" (default, like SFTTrainer: ``args.truncation_mode``) | "split" - what to do
-        with examples longer than max_length; counted and reported either way.
-    repack_each_epoch: bool (default False) - new BFD packing with seed ``seed + epoch`` every epoch.
-    seed: int (default ``args.seed``).
-    completion_only_loss: bool | None (default as TRL: use ``completion_mask`` when present).
-
-Loss normalisation: every sequence keeps its own labels (first label of each sequence masked by the
-collator), and the trainer divides by ``num_items_in_batch`` counted from the labels, so each token
-weighs what it weighs unpacked. Examples that have no trainable token after truncation are dropped, as
-SFTTrainer does, and counted in :attr:`PackedRows.stats` (also logged).
-"""
+"""The packed dataset: SFTTrainer's own preparation, over-long examples split or truncated, best-fit-decreasing
+rows (:mod:`.bfd`) served lazily from two flat token arrays, and repacked per epoch on request."""
 
 from __future__ import annotations
 
 import logging
 import uuid
-import warnings
-from typing import Any, Callable
+from typing import Any
 
-from .._markers import hookimpl
+from ..._errors import PluginError
+from ..shared import build_labels
+from .bfd import pack
 
 logger = logging.getLogger("sft_plugins.packing")
 
-_OPTIONS = {"max_length", "overlong", "repack_each_epoch", "seed", "completion_only_loss"}
 
-
-def _max_length(args: Any, options: dict[str, Any]) -> int | None:
-    value = options.get("max_length", getattr(args, "max_length", None))
+def row_length(args: Any, options: dict[str, Any]) -> int | None:
+    """Tokens per packed row: the option, else ``args.max_length``."""
+    value = options["max_length"] if options.get("max_length") is not None else getattr(args, "max_length", None)
     return int(value) if value is not None else None
 
 
-@hookimpl
-def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
-    return {"summary": "best-fit-decreasing packing into rows of max_length (>= 99.5% fill), sequence "
-                       "boundaries kept, over-long examples split or truncated and reported",
-            "loss_parity": None}
-
-
-@hookimpl
-def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
-    # The collator hook is not given the composed names; remember them here (sft_check runs first).
-    options["_names"] = list(names)
-    errors = []
-    unknown = sorted(k for k in set(options) - _OPTIONS if not k.startswith("_"))
-    if unknown:
-        errors.append(f"unknown options {unknown}; packing takes {sorted(_OPTIONS)}")
-    if options.get("overlong", "truncate") not in ("truncate", "split"):
-        errors.append(f"overlong must be 'truncate' or 'split', got {options.get('overlong')!r}")
-    ml = _max_length(args, options)
-    if ml is None or ml < 2:
-        errors.append("packing needs a row length: set SFTConfig(max_length=...) or "
-                      "compose(options={'packing': {'max_length': 2048}})")
-    if args is not None and getattr(args, "dataset_kwargs", None) and "skip_prepare_dataset" in args.dataset_kwargs \
-            and not args.dataset_kwargs["skip_prepare_dataset"]:
-        errors.append("dataset_kwargs={'skip_prepare_dataset': False} conflicts with packing, which prepares the "
-                      "dataset itself: drop that key")
-    if model is not None:
-        from .padding_free import check_model
-
-        errors += check_model(model, "dense")
-    return errors
-
-
-@hookimpl
-def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any] | None:
-    # The dataset we return is tokenized, labelled and packed: TRL must neither prepare it again nor
-    # pack it (its BFD would also switch on its padding-free mode, which refuses our collator).
-    if args is None:  # nothing to override; the trainer will get its defaults
-        return None
-    overrides: dict[str, Any] = {"remove_unused_columns": False}
-    if hasattr(args, "packing"):
-        overrides["packing"] = False
-    if hasattr(args, "padding_free"):
-        overrides["padding_free"] = False
-    if hasattr(args, "dataset_kwargs"):
-        overrides["dataset_kwargs"] = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    return overrides
-
-
-@hookimpl
-def sft_patch_model(model: Any, args: Any, options: dict[str, Any]) -> Callable[[], None] | None:
-    from .padding_free import _wants_cuda, patch_use_cache
-
-    if "padding_free" not in options.get("_names", []) and _wants_cuda(args):
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if impl in ("sdpa", "eager"):
-            warnings.warn(f"packing without padding_free: {impl} builds a dense T x T block-diagonal mask for every "
-                          "packed row on the GPU (correct, but O(T^2)); compose(['packing', 'padding_free']) for "
-                          "varlen attention", stacklevel=2)
-    return patch_use_cache(model)
-
-
-# -- dataset ---------------------------------------------------------------------------------------
 def _tokenize_like_sft_trainer(dataset: Any, processing_class: Any, args: Any) -> Any:
     """Run SFTTrainer's own dataset preparation (conversion, EOS, chat template, tokenization, labels)
     without truncation or packing, so packed rows hold exactly what SFTTrainer would have trained on."""
@@ -110,8 +28,6 @@ def _tokenize_like_sft_trainer(dataset: Any, processing_class: Any, args: Any) -
 
     from trl import SFTTrainer
     from trl.chat_template_utils import get_training_chat_template, has_generation_markers
-
-    from .._errors import PluginError
 
     tok = getattr(processing_class, "tokenizer", processing_class)
     if tok is None:
@@ -139,8 +55,6 @@ def _flat_columns(dataset: Any, completion_only_loss: bool | None) -> tuple[Any,
     """``(tokens, labels, offsets)`` as flat numpy arrays of all examples (``labels is tokens`` when the
     dataset has no labels or masks: every token is a label)."""
     import numpy as np
-
-    from ._collate import build_labels
 
     cols = _columns(dataset)
     try:
@@ -228,8 +142,6 @@ class PackedRows:
 
     def __init__(self, tokens: Any, labels: Any, starts: Any, lengths: Any, max_length: int, seed: int | None,
                  repack_each_epoch: bool, stats: dict[str, Any]):
-        from ._bfd import pack
-
         self.tokens, self.labels, self.starts, self.lengths = tokens, labels, starts, lengths
         self.max_length, self.seed, self.repack_each_epoch = max_length, seed, repack_each_epoch
         self.packing = pack(lengths, max_length, seed=seed)
@@ -262,8 +174,6 @@ class PackedRows:
 
     def set_epoch(self, epoch: int) -> None:
         """Repack for ``epoch`` (no-op unless ``repack_each_epoch``); same row count as epoch 0."""
-        from ._bfd import pack
-
         if not self.repack_each_epoch or epoch == self.epoch:
             return
         base = self.seed if self.seed is not None else 0
@@ -302,13 +212,11 @@ def _register_light_fingerprint() -> None:
 
 
 def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[str, Any]) -> tuple[Any, PackedRows]:
-    """``(datasets.Dataset of packed rows, its PackedRows store)``."""
-    from .._errors import PluginError
-
+    """``(datasets.Dataset of packed rows, its PackedRows store)``; ``options`` as validated by the schema."""
     if dataset.__class__.__name__.startswith("Iterable") or not hasattr(dataset, "__len__"):
         raise PluginError("packing needs a map-style dataset (datasets.Dataset or a list of examples); an "
                           "IterableDataset cannot be packed ahead of training: materialise it first")
-    max_length = _max_length(args, options)
+    max_length = row_length(args, options)
     cols = _columns(dataset)
     if "input_ids" not in cols:
         try:
@@ -320,14 +228,16 @@ def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[s
                               "first (an 'input_ids' column, optionally 'labels' or 'completion_mask'), or use "
                               "SFTTrainer with args=SFTConfig(...)")
         dataset = _tokenize_like_sft_trainer(dataset, processing_class, args)
-    completion_only = options.get("completion_only_loss", getattr(args, "completion_only_loss", None))
+    completion_only = options["completion_only_loss"]
+    if completion_only is None:
+        completion_only = getattr(args, "completion_only_loss", None)
     tokens, labels, offsets = _flat_columns(dataset, completion_only)
-    starts, lengths, stats = prepare_items(tokens, labels, offsets, max_length, options.get("overlong", "truncate"),
+    starts, lengths, stats = prepare_items(tokens, labels, offsets, max_length, options["overlong"],
                                            getattr(args, "truncation_mode", "keep_start"))
     if lengths.size == 0:
         raise PluginError(f"packing: no example has a trainable token ({stats}); check the labels/masks")
-    seed = options.get("seed", getattr(args, "seed", 0))
-    ds = PackedRows(tokens, labels, starts, lengths, max_length, seed, bool(options.get("repack_each_epoch")), stats)
+    seed = options["seed"] if options["seed"] is not None else getattr(args, "seed", 0)
+    ds = PackedRows(tokens, labels, starts, lengths, max_length, seed, options["repack_each_epoch"], stats)
     msg = ("packing: %(examples)d examples -> %(rows)d rows of %(ml)d tokens, fill %(fill).4f; over-long %(overlong)d "
            "(split pieces %(split_pieces)d, truncated tokens %(truncated_tokens)d); dropped: %(empty)d empty, "
            "%(no_loss_dropped)d without trainable tokens")
@@ -341,35 +251,3 @@ def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[s
     return hf, ds
 
 
-@hookimpl
-def sft_prepare_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[str, Any]) -> Any:
-    hf, rows = pack_dataset(dataset, processing_class, args, options)
-    options.setdefault("_datasets", []).append(rows)
-    return hf
-
-
-@hookimpl
-def sft_data_collator(processing_class: Any, args: Any, options: dict[str, Any]) -> Any:
-    if "padding_free" in options.get("_names", []):
-        return None  # padding_free supplies the same collator, plus fast attention
-    from .padding_free import make_collator
-
-    own = {k: options[k] for k in ("completion_only_loss",) if k in options}
-    return make_collator(processing_class, args, own)
-
-
-@hookimpl
-def sft_callbacks(args: Any, options: dict[str, Any]) -> list[Any] | None:
-    if not options.get("repack_each_epoch") or not options.get("_datasets"):
-        return None
-    from transformers import TrainerCallback
-
-    train = options["_datasets"][0]  # prepare() transforms train_dataset first
-
-    class RepackEachEpoch(TrainerCallback):
-        """Repack before each epoch's dataloader iterator is made (on_epoch_begin runs first)."""
-
-        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            train.set_epoch(round(state.epoch or 0))
-
-    return [RepackEachEpoch()]

@@ -1,0 +1,25 @@
+"""What the built-in plugins share, and the only module one plugin may import from another's side:
+the padding-free collator and label building (``padding_free`` and ``packing``), packed-row model checks,
+and FSDP2 detection (``fused_ce``, ``smart_checkpointing``, ``adamw_8bit``).
+
+No torch import at module level: plugins import this from their hookimpl modules.
+"""
+
+from .collate import PackedCollator, build_labels, make_packed_collator
+from .fsdp import fsdp_requested, is_dtensor, is_fsdp_module, unsharded_class
+from .model import FLASH_IMPLS, PACKED_IMPL_PREFIX, packed_model_errors, patch_use_cache, wants_cuda
+
+__all__ = [
+    "FLASH_IMPLS",
+    "PACKED_IMPL_PREFIX",
+    "PackedCollator",
+    "build_labels",
+    "fsdp_requested",
+    "is_dtensor",
+    "is_fsdp_module",
+    "make_packed_collator",
+    "packed_model_errors",
+    "patch_use_cache",
+    "unsharded_class",
+    "wants_cuda",
+]
