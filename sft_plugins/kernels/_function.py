@@ -23,7 +23,7 @@ cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @
   chunks, an fp32 [V, H] accumulator is used when W is fp32, when asked for (``dw_accum="fp32"``),
   or ("auto") when it fits half the workspace budget; otherwise partial sums are added in W's dtype
   (one rounding per chunk, ~N/C of them) - an fp32 accumulator for a 128k x 4k head is 2 GB,
-  eight times the memory budget. See benchmarks/notes_fused_ce.md for the measured error.
+  eight times the memory budget. docs/benchmarks.md (fused_ce) gives the measured error.
 * Host syncs: one, the number of valid rows (it sizes the loop). It is copied to pinned memory behind the
   first chunk's GEMM and read after that is queued, so the GPU does not idle for it on large batches.
 """
@@ -101,7 +101,7 @@ def _workspace_budget(device: torch.device) -> int:
         if free >= _DEFAULT_WORKSPACE_CAP * _FREE_MEMORY_FRACTION:
             return _DEFAULT_WORKSPACE_CAP
         # tight: count the allocator's cached blocks too. Only here: the allocator's statistics cost
-        # ~350 us of host time (the GPU idles meanwhile, fused_ce_probe_gaps_h200.json)
+        # ~350 us of host time (the GPU idles meanwhile; docs/benchmarks.md, fused_ce)
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return max(1 << 20, min(_DEFAULT_WORKSPACE_CAP, (free + cached) // _FREE_MEMORY_FRACTION))
     return _DEFAULT_WORKSPACE_CAP
@@ -135,7 +135,7 @@ def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:
     fp32 sum) fit in what the workspace budget leaves after the logits buffer.
     """
     # Off by default: on the H200, cuBLAS's own choice for the few-tile dH GEMM was as fast or
-    # faster (gemma2-2b frozen: 33.1 ms unsplit vs 34.8 ms split 2; benchmarks/notes_fused_ce.md).
+    # faster (gemma2-2b frozen: 33.1 ms unsplit vs 34.8 ms split 2; docs/benchmarks.md, fused_ce).
     env = ce_setting("DH_SPLIT")
     if env != "auto":
         return max(1, int(env))
@@ -341,7 +341,7 @@ def _chunk_loop(
                 part = torch.mm(lg, w, out=dh[start:end]) if direct else _mm_dh(lg, w, split)
                 if rf is not None:
                     # a second rounding after the GEMM's: grad_h error 2.8e-3 vs 2.3e-3 (two passes) on the
-                    # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (call 2, notes)
+                    # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (docs/benchmarks.md, fused_ce)
                     part.mul_(rf[:, None])
                 if not contiguous:
                     dh.index_copy_(0, r, part)

@@ -30,7 +30,7 @@ def _tanh(x, HW: tl.constexpr):
     # With softcap the row kernel is bound by the special-function unit (MUFU): how tanh is made matters.
     # HW (CUDA, bf16/fp16 logits): the hardware tanh.approx.f32, one MUFU op, relative error ~2^-11, below
     # the bf16 rounding of the logit it is applied to; on the H200 it cut the softcap row kernel by 30% and
-    # left the loss error at 6.8e-6 vs 6.5e-6 with wide logits (benchmarks/results/fused_ce_probe_h200.json).
+    # left the loss error at 6.8e-6 vs 6.5e-6 with wide logits (docs/benchmarks.md, fused_ce).
     # Else (fp32, interpreter, ROCm, SFT_PLUGINS_CE_TANH=0): 2*sigmoid(2x) - 1, abs. error ~1e-7.
     if HW:
         return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
@@ -256,12 +256,12 @@ def _launch_config(V: int, one_pass: bool, softcap: bool, interpret: bool) -> tu
     if interpret:  # the interpreter's cost grows with loop trips: the whole (small) row in one block
         block, warps = min(triton.next_power_of_2(V), 1 << 14), 4
     elif one_pass:
-        # H200 (benchmarks/results/fused_ce_probe_rows2_h200.json): small programs, many rows in flight
+        # H200 (docs/benchmarks.md, fused_ce): small programs, many rows in flight
         # per SM: 4096/4 plain 0.131 ms vs 0.171 at 16384/32 ([922, 128256]); softcap 4096/8 0.163 vs 0.224
         block, warps = min(triton.next_power_of_2(V), 4096), 8 if softcap else 4
     else:
         # two passes: 16384-wide blocks with 32 warps were the fastest, plain and softcap
-        # (benchmarks/results/fused_ce_probe_rows_h200.json)
+        # (H200; docs/benchmarks.md, fused_ce)
         block = min(triton.next_power_of_2(V), 1 << 14)
         warps = max(4, min(32, block // 512))
     block = int(ce_setting("BLOCK_V")) or block

@@ -77,7 +77,7 @@ def cuda_headroom(device: torch.device, enough: int | None = None) -> int:
     """Bytes this process may still allocate on ``device``: the device's free memory plus the cache, and
     within ``torch.cuda.set_per_process_memory_fraction``'s cap when one is set. No device sync.
     With ``enough``, the driver's free memory is returned as soon as it alone is ``enough`` (uncapped):
-    the allocator's statistics cost ~350 us of host time a call (fused_ce_probe_gaps_h200.json)."""
+    the allocator's statistics cost ~350 us of host time a call (H200; docs/benchmarks.md, fused_ce)."""
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
