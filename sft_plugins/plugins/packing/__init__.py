@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from ..._markers import hookimpl
 from ..._options import Option
-from ..shared import make_packed_collator, packed_model_errors, patch_use_cache, wants_cuda
+from ..shared import make_packed_collator, neftune_errors, packed_model_errors, patch_use_cache, wants_cuda
 from .rows import row_length
 
 OPTIONS = [
@@ -51,7 +51,7 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
 
 @hookimpl
 def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
-    errors = []
+    errors = neftune_errors(args, "packing")
     ml = row_length(args, options)
     if ml is None or ml < 2:
         errors.append("packing needs a row length: set SFTConfig(max_length=...) or "
@@ -64,12 +64,18 @@ def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) 
 
 
 @hookimpl
-def sft_update_args(args: Any, options: dict[str, Any]) -> dict[str, Any] | None:
+def sft_update_args(args: Any, state: SimpleNamespace) -> dict[str, Any] | None:
     # The dataset we return is tokenized, labelled and packed: TRL must neither prepare it again nor
     # pack it (its BFD would also switch on its padding-free mode, which refuses our collator).
     if args is None:  # nothing to override; the trainer will get its defaults
         return None
+    # The user's loss masks are applied while packing (into the labels); the trainer's copy of the args
+    # must not ask for them again: SFTTrainer checks assistant_only_loss against the dataset's first
+    # example, which is a packed row, not a conversation.
+    state.loss_args = {k: getattr(args, k) for k in ("assistant_only_loss", "completion_only_loss") if hasattr(args, k)}
     overrides: dict[str, Any] = {"remove_unused_columns": False}
+    if getattr(args, "assistant_only_loss", False):
+        overrides["assistant_only_loss"] = False
     if hasattr(args, "packing"):
         overrides["packing"] = False
     if hasattr(args, "padding_free"):
@@ -92,10 +98,11 @@ def sft_patch_model(model: Any, args: Any, names: list[str]) -> Callable[[], Non
 
 @hookimpl
 def sft_prepare_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[str, Any], split: str,
-                        state: SimpleNamespace) -> Any:
+                        state: SimpleNamespace, formatting_func: Any) -> Any:
     from .rows import pack_dataset
 
-    hf, rows = pack_dataset(dataset, processing_class, args, options)
+    hf, rows = pack_dataset(dataset, processing_class, args, options, formatting_func=formatting_func,
+                            loss_args=getattr(state, "loss_args", None))
     if split == "train":
         state.train_rows = rows  # for the repack callback of this stack's run
     return hf

@@ -20,9 +20,13 @@ def row_length(args: Any, options: dict[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
-def _tokenize_like_sft_trainer(dataset: Any, processing_class: Any, args: Any) -> Any:
-    """Run SFTTrainer's own dataset preparation (conversion, EOS, chat template, tokenization, labels)
-    without truncation or packing, so packed rows hold exactly what SFTTrainer would have trained on."""
+def _tokenize_like_sft_trainer(dataset: Any, processing_class: Any, args: Any, formatting_func: Any,
+                               loss_args: dict[str, Any]) -> Any:
+    """Run SFTTrainer's own dataset preparation (formatting_func, conversion, EOS, chat template,
+    tokenization, prompt-completion and assistant masks) without truncation or packing, so packed rows
+    hold exactly what SFTTrainer would have trained on. ``loss_args`` are the user's
+    ``assistant_only_loss`` / ``completion_only_loss`` (the trainer's own copy of the args has them
+    off: the masks are in our labels by then)."""
     import dataclasses
     from types import SimpleNamespace
 
@@ -32,16 +36,32 @@ def _tokenize_like_sft_trainer(dataset: Any, processing_class: Any, args: Any) -
     tok = getattr(processing_class, "tokenizer", processing_class)
     if tok is None:
         raise PluginError("packing must tokenize this dataset: pass processing_class=<tokenizer> to prepare()")
+    raw_args = dataclasses.replace(args, max_length=None, packing=False, shuffle_dataset=False, **loss_args)
     sample = next(iter(dataset))
-    completion_only = args.completion_only_loss
+    completion_only = raw_args.completion_only_loss
     if completion_only is None:
         completion_only = "prompt" in sample and "completion" in sample
+    if completion_only and formatting_func is not None:
+        raise PluginError("a formatting_func turns the dataset into plain text, so completion_only_loss=True has no "
+                          "completion to train on (SFTTrainer refuses the same): apply the formatting yourself and "
+                          "pass prompt/completion columns, or set SFTConfig(completion_only_loss=False)")
     chat_template = None
-    if args.assistant_only_loss and not has_generation_markers(tok.chat_template):
-        chat_template = get_training_chat_template(tok)
+    if raw_args.assistant_only_loss:
+        from trl.data_utils import is_conversational
+
+        if not is_conversational(sample):
+            raise PluginError("assistant_only_loss=True needs a conversational dataset ('messages' or "
+                              "prompt/completion turns): SFTTrainer refuses it too; drop assistant_only_loss")
+        if not has_generation_markers(tok.chat_template):
+            chat_template = get_training_chat_template(tok)
     shim = SimpleNamespace(_tokenizer=tok, completion_only_loss=completion_only, chat_template=chat_template)
-    raw_args = dataclasses.replace(args, max_length=None, packing=False, shuffle_dataset=False)
-    return SFTTrainer._prepare_dataset(shim, dataset, processing_class, raw_args, False, None, "train")
+    try:
+        return SFTTrainer._prepare_dataset(shim, dataset, processing_class, raw_args, False, formatting_func, "train")
+    except KeyError as exc:
+        columns = sorted(_columns(dataset))
+        raise PluginError(f"packing could not read the text of this dataset (no column {exc}; it has {columns}): "
+                          "pass formatting_func=..., name the text column with SFTConfig(dataset_text_field=...), "
+                          "or use 'messages' / 'prompt'+'completion' columns") from exc
 
 
 def _columns(dataset: Any) -> list[str]:
@@ -211,8 +231,18 @@ def _register_light_fingerprint() -> None:
         pickler.save_reduce(_fingerprint_token, (obj.token,), obj=obj)
 
 
-def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[str, Any]) -> tuple[Any, PackedRows]:
-    """``(datasets.Dataset of packed rows, its PackedRows store)``; ``options`` as validated by the schema."""
+def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[str, Any], *,
+                 formatting_func: Any = None, loss_args: dict[str, Any] | None = None) -> tuple[Any, PackedRows]:
+    """``(datasets.Dataset of packed rows, its PackedRows store)``; ``options`` as validated by the schema.
+
+    ``formatting_func`` is SFTTrainer's; ``loss_args`` the user's ``assistant_only_loss`` /
+    ``completion_only_loss`` when the args given here are the trainer's copy (default: read from ``args``).
+    Options not given take the schema's defaults."""
+    from . import OPTIONS
+
+    options = {**{o.name: o.default for o in OPTIONS}, **options}
+    loss_args = dict(loss_args if loss_args is not None else
+                     {k: getattr(args, k) for k in ("assistant_only_loss", "completion_only_loss") if hasattr(args, k)})
     if dataset.__class__.__name__.startswith("Iterable") or not hasattr(dataset, "__len__"):
         raise PluginError("packing needs a map-style dataset (datasets.Dataset or a list of examples); an "
                           "IterableDataset cannot be packed ahead of training: materialise it first")
@@ -227,10 +257,13 @@ def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[s
             raise PluginError("packing got an untokenized dataset and args that are not an SFTConfig: tokenize it "
                               "first (an 'input_ids' column, optionally 'labels' or 'completion_mask'), or use "
                               "SFTTrainer with args=SFTConfig(...)")
-        dataset = _tokenize_like_sft_trainer(dataset, processing_class, args)
+        dataset = _tokenize_like_sft_trainer(dataset, processing_class, args, formatting_func, loss_args)
+    elif formatting_func is not None:  # as SFTTrainer does: the tokens are already there
+        logger.warning("packing: the dataset is already tokenized ('input_ids'), so formatting_func is ignored "
+                       "(SFTTrainer ignores it too); drop it, or pass the raw dataset")
     completion_only = options["completion_only_loss"]
     if completion_only is None:
-        completion_only = getattr(args, "completion_only_loss", None)
+        completion_only = loss_args.get("completion_only_loss")
     tokens, labels, offsets = _flat_columns(dataset, completion_only)
     starts, lengths, stats = prepare_items(tokens, labels, offsets, max_length, options["overlong"],
                                            getattr(args, "truncation_mode", "keep_start"))

@@ -24,7 +24,14 @@ from typing import Any, Callable
 from ..._errors import PluginError
 from ..._markers import hookimpl
 from ..._options import Option
-from ..shared import FLASH_IMPLS, make_packed_collator, packed_model_errors, patch_use_cache, wants_cuda
+from ..shared import (
+    FLASH_IMPLS,
+    make_packed_collator,
+    neftune_errors,
+    packed_model_errors,
+    patch_use_cache,
+    wants_cuda,
+)
 
 logger = logging.getLogger("sft_plugins.padding_free")
 
@@ -63,9 +70,6 @@ def attention_errors(model: Any, attention: str) -> list[str]:
     if getattr(config, "attention_dropout", 0.0):
         errors.append(f"attention={attention!r} has no attention dropout: set config.attention_dropout=0 or "
                       "use attention='dense'")
-    if getattr(config, "sliding_window", None) or getattr(config, "attn_logit_softcapping", None):
-        errors.append(f"attention={attention!r} does not do sliding windows or logit softcapping: use "
-                      "attention='dense' or attn_implementation='flash_attention_2'")
     if hasattr(model, "_can_set_attn_implementation") and not model._can_set_attn_implementation():
         errors.append(f"{type(model).__name__} does not use transformers' AttentionInterface, so attention="
                       f"{attention!r} cannot be installed: use attention='dense'")
@@ -86,7 +90,7 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
 
 @hookimpl
 def sft_check(names: list[str], args: Any, model: Any, options: dict[str, Any]) -> list[str]:
-    errors = []
+    errors = neftune_errors(args, "padding_free")
     if getattr(args, "packing", False) and "packing" not in names:
         errors.append("SFTConfig(packing=True) makes TRL turn on its own padding-free mode, which refuses our "
                       "collator: set packing=False, or compose the 'packing' plugin "

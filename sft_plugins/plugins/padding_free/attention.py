@@ -124,8 +124,13 @@ def _varlen_kwargs() -> tuple[Callable, frozenset[str]]:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+def varlen_has_window() -> bool:
+    """This torch's ``varlen_attn`` takes ``window_size`` (sliding windows)."""
+    return "window_size" in _varlen_kwargs()[1]
+
+
 def _run_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, ml: int,
-                scaling: float | None) -> torch.Tensor:
+                scaling: float | None, window: int | None = None) -> torch.Tensor:
     fn, params = _varlen_kwargs()
     b, hq, t, d = q.shape
     hk = k.shape[1]
@@ -133,7 +138,9 @@ def _run_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Ten
     kf = k.transpose(1, 2).reshape(b * t, hk, d)
     vf = v.transpose(1, 2).reshape(b * t, hk, d)
     kw: dict[str, Any] = {}
-    if "is_causal" in params:
+    if window is not None:  # _attend routes a window here only when window_size exists
+        kw["window_size"] = (window - 1, 0)  # keys j with i - window < j <= i, as transformers' sliding mask
+    elif "is_causal" in params:
         kw["is_causal"] = True
     else:  # varlen_available() made sure one of the two exists
         kw["window_size"] = (-1, 0)  # (left unbounded, right 0) = causal, per varlen_attn's docstring
@@ -157,7 +164,7 @@ _compiled_flex: dict[str, Callable] = {}
 
 
 def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-              scaling: float | None) -> torch.Tensor:
+              scaling: float | None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     b, hq, t, d = q.shape
@@ -170,10 +177,21 @@ def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tenso
         def doc_causal(bb, hh, qi, ki):
             return (doc[qi] == doc[ki]) & (qi >= ki)
 
-        # compiled on CUDA: the eager builder evaluates the mask densely (T x T), which is what we avoid
-        return create_block_mask(doc_causal, None, None, total, total, device=q.device, _compile=q.is_cuda)
+        def doc_causal_window(bb, hh, qi, ki):
+            return (doc[qi] == doc[ki]) & (qi >= ki) & (qi - ki < window)
 
-    block_mask = _flex_mask.get(cu, make_mask)
+        # compiled on CUDA: the eager builder evaluates the mask densely (T x T), which is what we avoid
+        return create_block_mask(doc_causal if window is None else doc_causal_window, None, None, total, total,
+                                 device=q.device, _compile=q.is_cuda)
+
+    masks = _flex_mask.get(cu, dict)  # one block mask per window size (Gemma alternates local/global layers)
+    block_mask = masks.get(window)
+    if block_mask is None:
+        block_mask = masks[window] = make_mask()
+    score_mod = None
+    if softcap:
+        def score_mod(score, bb, hh, qi, ki):  # Gemma-2's logit softcap, on the scaled scores
+            return softcap * torch.tanh(score / softcap)
     if q.is_cuda:
         fn = _compiled_flex.get("fn")
         if fn is None:  # compiled once; shapes vary per batch, so let dynamo go dynamic after a change
@@ -183,12 +201,32 @@ def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tenso
     qf = q.transpose(1, 2).reshape(1, total, hq, d).transpose(1, 2)
     kf = k.transpose(1, 2).reshape(1, total, k.shape[1], d).transpose(1, 2)
     vf = v.transpose(1, 2).reshape(1, total, k.shape[1], d).transpose(1, 2)
-    out = fn(qf, kf, vf, block_mask=block_mask, scale=scaling, enable_gqa=k.shape[1] != hq)
+    out = fn(qf, kf, vf, block_mask=block_mask, score_mod=score_mod, scale=scaling, enable_gqa=k.shape[1] != hq)
     return out.transpose(1, 2).reshape(b, t, hq, d)
 
 
+def _sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
+                        window: int | None, softcap: float | None) -> torch.Tensor:
+    """Causal attention of one sequence, ``[H, L, D]``; eager math where sdpa cannot express the softcap."""
+    if softcap is None:
+        mask = None
+        if window is not None:
+            pos = torch.arange(q.shape[1], device=q.device)
+            mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)  # as Gemma-2's eager attention
+    pos = torch.arange(q.shape[1], device=q.device)
+    keep = pos[:, None] >= pos[None, :]
+    if window is not None:
+        keep &= pos[:, None] - pos[None, :] < window
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def _run_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
-              scaling: float | None) -> torch.Tensor:
+              scaling: float | None, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     b, hq, t, d = q.shape
     hk = k.shape[1]
     bounds = _cu_list.get(cu, lambda: cu.tolist())
@@ -198,7 +236,7 @@ def _run_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tenso
     if hk != hq:
         kf = kf.repeat_interleave(hq // hk, dim=0)
         vf = vf.repeat_interleave(hq // hk, dim=0)
-    outs = [F.scaled_dot_product_attention(qf[:, s:e], kf[:, s:e], vf[:, s:e], is_causal=True, scale=scaling)
+    outs = [_sequence_attention(qf[:, s:e], kf[:, s:e], vf[:, s:e], scaling, window, softcap)
             for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
     return torch.cat(outs, dim=1).transpose(0, 1).reshape(b, t, hq, d)
 
@@ -218,16 +256,24 @@ def _attend(backend: str, module: torch.nn.Module, query: torch.Tensor, key: tor
                            "attention_dropout=0 or use the padding_free option attention='dense'")
     b, _, t, _ = query.shape
     cu, ml = _bounds(kwargs, b, t, query.device)
+    # A window at least as long as the longest sequence of the row masks nothing: no window at all
+    window = kwargs.get("sliding_window")
+    window = int(window) if window and int(window) < ml else None
+    softcap = kwargs.get("softcap") or None
     if backend == "varlen" and not (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)):
         backend = "flex" if query.is_cuda else "loop"  # the flash kernel needs CUDA and fp16/bf16
+    if backend == "varlen" and (softcap or (window and not varlen_has_window())):
+        backend = "flex"  # the flash varlen kernel has no softcap (nor, in older torch, a window)
+    if backend == "flex" and not (query.is_cuda or flex_available()):
+        backend = "loop"
     while backend in ("varlen", "flex") and KERNEL_PROBES.get(backend):
         backend = "flex" if backend == "varlen" and query.is_cuda and flex_available() else "loop"
     if backend in ("varlen", "flex") and backend not in KERNEL_PROBES:
         # First call of a kernel on this machine: if it cannot run here (an older torch, an unsupported
         # GPU), say so once and take the next exact path instead of failing the run.
         try:
-            out = _run_varlen(query, key, value, cu, ml, scaling) if backend == "varlen" else \
-                _run_flex(query, key, value, cu, scaling)
+            out = _run_varlen(query, key, value, cu, ml, scaling, window) if backend == "varlen" else \
+                _run_flex(query, key, value, cu, scaling, window, softcap)
             KERNEL_PROBES[backend] = None
             return out, None
         except (RuntimeError, TypeError, NotImplementedError, ValueError) as exc:
@@ -236,11 +282,11 @@ def _attend(backend: str, module: torch.nn.Module, query: torch.Tensor, key: tor
                           "falling back to an exact, possibly slower path", stacklevel=2)
             return _attend(backend, module, query, key, value, None, dropout, scaling, **kwargs)
     if backend == "varlen":
-        out = _run_varlen(query, key, value, cu, ml, scaling)
-    elif backend == "flex" and (query.is_cuda or flex_available()):
-        out = _run_flex(query, key, value, cu, scaling)
+        out = _run_varlen(query, key, value, cu, ml, scaling, window)
+    elif backend == "flex":
+        out = _run_flex(query, key, value, cu, scaling, window, softcap)
     else:
-        out = _run_loop(query, key, value, cu, scaling)
+        out = _run_loop(query, key, value, cu, scaling, window, softcap)
     return out, None
 
 

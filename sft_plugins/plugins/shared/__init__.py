@@ -7,7 +7,14 @@ No torch import at module level: plugins import this from their hookimpl modules
 
 from .collate import PackedCollator, build_labels, make_packed_collator
 from .fsdp import fsdp_requested, is_dtensor, is_fsdp_module, unsharded_class
-from .model import FLASH_IMPLS, PACKED_IMPL_PREFIX, packed_model_errors, patch_use_cache, wants_cuda
+from .model import (
+    FLASH_IMPLS,
+    PACKED_IMPL_PREFIX,
+    neftune_errors,
+    packed_model_errors,
+    patch_use_cache,
+    wants_cuda,
+)
 
 __all__ = [
     "FLASH_IMPLS",
@@ -18,6 +25,7 @@ __all__ = [
     "is_dtensor",
     "is_fsdp_module",
     "make_packed_collator",
+    "neftune_errors",
     "packed_model_errors",
     "patch_use_cache",
     "unsharded_class",

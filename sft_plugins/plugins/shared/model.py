@@ -34,6 +34,17 @@ def packed_model_errors(model: Any) -> list[str]:
     return errors
 
 
+def neftune_errors(args: Any, plugin: str) -> list[str]:
+    """NEFTune scales its noise by 1/sqrt(row length x hidden size); on a row holding many sequences that
+    is the whole row's length, so every sequence gets less noise than it would alone. Refused rather than
+    silently changed."""
+    if getattr(args, "neftune_noise_alpha", None) is None:
+        return []
+    return [f"neftune_noise_alpha scales the noise by the length of the whole row, and {plugin} puts several "
+            "sequences in one row, so each would get less noise than in the baseline: unset "
+            f"neftune_noise_alpha, or drop {plugin}"]
+
+
 def patch_use_cache(model: Any) -> Callable[[], None] | None:
     """``use_cache=False`` on the model config: with a cache, transformers skips packed-sequence
     detection and the second sequence of a row attends to the first. TRL's compute_loss passes
