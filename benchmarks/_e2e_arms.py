@@ -43,7 +43,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def dataset(n: int, maxlen: int, vocab: int, seed: int = 0, fixed_len: int | None = None):
-    """The anchor's data (anchor_sft_bench.py): lognormal(5.8, 0.8) lengths clipped to [24, maxlen], ids in
+    """The reference workload's data: lognormal(5.8, 0.8) lengths clipped to [24, maxlen], ids in
     [100, 128000) (capped below the pad/eos ids for small vocabularies); ``fixed_len``: all that long."""
     import numpy as np
     from datasets import Dataset
@@ -59,7 +59,7 @@ def dataset(n: int, maxlen: int, vocab: int, seed: int = 0, fixed_len: int | Non
 
 def tokenizer(vocab: int):
     sys.path.insert(0, str(HERE))
-    from padding_free_e2e import tokenizer as anchor_tokenizer  # the anchor's word-level tokenizer
+    from padding_free_e2e import tokenizer as anchor_tokenizer  # the reference workload's word-level tokenizer
 
     return anchor_tokenizer(vocab)
 

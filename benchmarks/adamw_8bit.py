@@ -27,29 +27,23 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+import _common  # benchmarks/_common.py: puts the checkout on sys.path
+from sft_plugins.ablate._runner import run_arm_subprocess
+
+ROOT = _common.ROOT
 ARMS = ("fused_adamw", "adamw_8bit", "hf_bnb_8bit", "adamw_8bit_no_fp32_emb", "adamw_8bit_paged", "torchao_adamw8bit")
 TARGET_STATE_BYTES = 2.1
 TARGET_STEP_RATIO = 1.10
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "accelerate", "bitsandbytes", "torchao", "sft-plugins"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return _common.versions(("torch", "transformers", "trl", "accelerate", "bitsandbytes", "torchao", "sft-plugins"))
 
 
 def build_optimizer(arm: str, model: Any, lr: float, device: str) -> Any:
@@ -213,19 +207,14 @@ def child(arm: str, cfg: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     # torchao lives in its own folder so that its presence cannot change the other arms' imports
     extra = cfg.get("torchao_site") if arm == "torchao_adamw8bit" else None
     path = os.pathsep.join(filter(None, [str(ROOT), extra, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path}
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    run = run_arm_subprocess(cmd, timeout_s, env={**os.environ, "PYTHONPATH": path})
+    if run["timed_out"]:
         return {"arm": arm, "error": f"timed out after {timeout_s:.0f} s (--budget-s)", "arm_wall_s": round(timeout_s, 1)}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            result = json.loads(line[len("RESULT "):])
-            result["arm_wall_s"] = round(time.time() - t0, 1)
-            return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-    return {"arm": arm, "error": " | ".join(tail) or f"exit {proc.returncode}", "arm_wall_s": round(time.time() - t0, 1)}
+    wall = round(run["wall_s"], 1)
+    if run["result"] is not None:
+        return {**run["result"], "arm_wall_s": wall}
+    tail = (run["stderr"] or run["stdout"]).strip().splitlines()[-6:]
+    return {"arm": arm, "error": " | ".join(tail) or f"exit {run['returncode']}", "arm_wall_s": wall}
 
 
 def gib(x: float | None) -> str:

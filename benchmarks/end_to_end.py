@@ -1,17 +1,16 @@
-"""End to end on one GPU, every arm in the same run: TRL 1.16, TRL + Liger, Unsloth, and our plugins (issue 8).
+"""End to end on one GPU, every arm in the same run: TRL 1.16, TRL + Liger, Unsloth, and our plugins.
 
-The workload of ../shared/ENVIRONMENT.md and the peers' anchor (anchor_sft_bench.py /
-anchor_unsloth_bench.py): a random-initialised Llama-3.2-1B-shaped model (bf16, sdpa, tied
-embeddings, vocab 128256), LoRA r16 alpha16 on all linear layers, batch 8, 4000 pre-tokenised examples
-with lognormal(5.8, 0.8) lengths clipped to [24, 2048] (mean ~442), seed 0, lr 2e-4, TRL defaults
-otherwise (its fused LM head, gradient checkpointing, adamw_torch_fused). Every arm runs in its own
+The reference workload the peers were compared on: a random-initialised Llama-3.2-1B-shaped model
+(bf16, sdpa, tied embeddings, vocab 128256), LoRA r16 alpha16 on all linear layers, batch 8, 4000
+pre-tokenised examples with lognormal(5.8, 0.8) lengths clipped to [24, 2048] (mean ~442), seed 0, lr
+2e-4, TRL defaults otherwise (its fused LM head, gradient checkpointing, adamw_torch_fused). Every arm runs in its own
 subprocess (patches are process-global); Unsloth arms with Unsloth's own PYTHONPATH.
 
 Arms (``--arms``, comma list, or ``set1`` / ``set2`` / ``all``):
   peers, 2k LoRA  trl_default, trl_padding_free (max_length=None), trl_packing_bfd, trl_liger_packing
                   (use_liger_kernel + BFD packing), unsloth_default, unsloth_packing (Unsloth's defaults:
-                  its offloaded checkpointing, padding-free, optim adamw_torch as in the anchor, and its
-                  SFTConfig default gradient_accumulation_steps=2: two batches per optimizer step)
+                  its offloaded checkpointing, padding-free, optim adamw_torch as in the reference script,
+                  and its SFTConfig default gradient_accumulation_steps=2: two batches per optimizer step)
   ours, 2k LoRA   ours_fused_ce, ours_smart_checkpointing, ours_padding_free, ours_packing (alone: sdpa's
                   dense block-diagonal mask), ours_packing_padding_free, ours_adamw_8bit, ours_all (all five),
                   ours_all_lean (all five, smart_checkpointing {mlp_chunks: 8, keep_last_on_gpu: 0}),
@@ -31,11 +30,11 @@ not timed (compilation, Triton autotuning, pinned-buffer growth); timing is ``to
 at every step end. ``--profile ARM,...`` runs 3 more steps of those arms under torch.profiler (after
 the timed window) and records where the device time goes. The JSON is rewritten after every arm.
 
-    # GPU machine, project root, after the pip install of .gpu/wheels and PYTHONPATH=$PWD:$PWD/.gpu/site:/tmp/site
-    # (Unsloth's pinned wheels are installed into --unsloth-site by the script itself when missing)
-    python3 benchmarks/end_to_end.py --arms set1 --out $OUT/e2e_1.json     # ~8 min each; the JSON is
-    python3 benchmarks/end_to_end.py --arms set2 --out $OUT/e2e_2.json     # rewritten after every arm
-    # here: merge, table, plot
+    # on the GPU machine, from the repository root (Unsloth's sources on --unsloth-pythonpath; its pinned
+    # wheels, from --unsloth-wheels, are installed into --unsloth-site by the script itself when missing)
+    python benchmarks/end_to_end.py --arms set1 --out e2e_1.json     # ~8 min each; the JSON is
+    python benchmarks/end_to_end.py --arms set2 --out e2e_2.json     # rewritten after every arm
+    # merge, table, plot (matplotlib)
     python benchmarks/end_to_end.py --merge e2e_1.json e2e_2.json --out benchmarks/results/end_to_end_h200.json \\
         --plot docs/end_to_end_h200.png
     python benchmarks/end_to_end.py --smoke --out /tmp/e2e_smoke.json        # CPU check of the script itself
@@ -48,17 +47,18 @@ import glob
 import importlib.util
 import json
 import os
-import platform
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import _common  # benchmarks/_common.py: puts the checkout on sys.path
+from sft_plugins.ablate._runner import run_arm_subprocess
+
 T_START = time.time()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = _common.ROOT
 CHILD = Path(__file__).resolve().parent / "_e2e_arms.py"
 TARGET_SPEEDUP = 1.2
 ALL = ["packing", "padding_free", "fused_ce", "smart_checkpointing", "adamw_8bit"]
@@ -126,16 +126,8 @@ def workload(kind: str, smoke: bool, long_tokens: int, steps: int) -> dict[str, 
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "triton", "bitsandbytes",
-                 "liger-kernel"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return _common.versions(("torch", "transformers", "trl", "peft", "accelerate", "datasets", "triton",
+                             "bitsandbytes", "liger-kernel"))
 
 
 # -- running children -------------------------------------------------------------------------------
@@ -144,23 +136,18 @@ def run_child(spec: dict[str, Any], timeout: float, pythonpath: str | None = Non
     env["PYTHONPATH"] = pythonpath if pythonpath is not None else os.pathsep.join(
         [str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    t0 = time.time()
-    # own session, so a timeout takes down the child's helpers too (only the group this script started)
-    p = subprocess.Popen([sys.executable, str(CHILD), json.dumps(spec)], cwd=str(ROOT), env=env, text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=max(1.0, timeout))
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        return {"status": "timeout", "error": f"killed after {timeout:.0f} s", "wall_s": round(time.time() - t0, 1)}
-    lines = [ln[7:] for ln in out.splitlines() if ln.startswith("RESULT ")]
+    # own process group, so a timeout takes down the child's helpers too (only the group this script started)
+    run = run_arm_subprocess([sys.executable, str(CHILD), json.dumps(spec)], max(1.0, timeout), env=env, cwd=ROOT)
+    wall = round(run["wall_s"], 1)
+    if run["timed_out"]:
+        return {"status": "timeout", "error": f"killed after {timeout:.0f} s", "wall_s": wall}
+    out, err = run["stdout"], run["stderr"]
     tail = " | ".join((err or out).strip().splitlines()[-8:])[-1500:]
-    res = json.loads(lines[-1]) if lines else {"status": "error",
-                                               "error": f"no result; exit code {p.returncode}: {tail}"}
+    res = run["result"] if run["result"] is not None else {
+        "status": "error", "error": f"no result; exit code {run['returncode']}: {tail}"}
     if res.get("status") == "error":
         res["stderr_tail"] = (err or "").strip().splitlines()[-25:]
-    res["wall_s"] = round(time.time() - t0, 1)
+    res["wall_s"] = wall
     return res
 
 
@@ -168,13 +155,13 @@ def unsloth_ready(a: argparse.Namespace, deadline: float) -> str | None:
     """Install Unsloth's pins into --unsloth-site when missing; None when ready, else why not."""
     entries = a.unsloth_pythonpath.split(os.pathsep)
     if not any((Path(e) / "unsloth" / "__init__.py").exists() for e in entries):
-        return f"Unsloth sources not found on --unsloth-pythonpath ({a.unsloth_pythonpath}): stage-wheels.sh --unsloth"
+        return f"Unsloth sources not found on --unsloth-pythonpath ({a.unsloth_pythonpath}): put Unsloth's sources there"
     site = Path(a.unsloth_site)
     if (site / "unsloth_zoo").exists():
         return None
     wheels = sorted(glob.glob(os.path.join(a.unsloth_wheels, "*.whl")))
     if not wheels:
-        return f"no wheels in {a.unsloth_wheels} and {site} missing: stage-wheels.sh --unsloth"
+        return f"no wheels in {a.unsloth_wheels} and {site} missing: give --unsloth-wheels a folder of Unsloth's pinned wheels"
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--upgrade", "--target", str(site), *wheels]
     try:

@@ -1,11 +1,11 @@
 """LM head + cross-entropy, forward+backward on one GPU: sft_plugins vs its peers, in one run.
 
 Methods (same inputs, same process): the cuBLAS GEMM floor (3 GEMMs over all N with a trainable W,
-2 with a frozen W, as in ../shared/ENVIRONMENT.md), the same floor over the valid rows only, ours
+2 with a frozen W), the same floor over the valid rows only, ours
 (``sft_plugins.kernels.fused_linear_cross_entropy`` and its ``_stats`` variant), eager HF (bf16
 logits upcast to fp32 + F.cross_entropy), TRL 1.16's ``ChunkedLogProbFunction`` as SFTTrainer calls
 it (log-probs only, and with entropy + top-1), Liger's fused linear CE and Apple's CCE. The timing
-and memory method is the one of ../shared/device/peers/anchor_ce_bench.py (CUDA events around
+and memory method is the one the peers' own CE benchmark uses (CUDA events around
 fwd+bwd after warm-up, median; extra peak = max_memory_allocated above what is allocated between
 steps, previous grads included). Inputs rotate between two hidden tensors.
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from sft_plugins.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_stats  # noqa: E402
 
-torch.backends.cuda.matmul.allow_tf32 = True  # as the anchor; bf16 GEMMs are unaffected
+torch.backends.cuda.matmul.allow_tf32 = True  # as the peers' benchmark; bf16 GEMMs are unaffected
 DEV = "cuda"
 DT = torch.bfloat16
 IGNORE = -100

@@ -146,8 +146,8 @@ def probe_tanh(out: dict) -> None:
 
 def probe_rows(out: dict) -> None:
     """The row kernel alone on one chunk of each kind (plain and softcap): the two-pass kernel at its
-    defaults, the one-pass kernel over (BLOCK_V, warps) and programs per SM. (Call 3 of session
-    2026-12-01e also timed a one-pass variant whose first reference was the label's logit, so a block's
+    defaults, the one-pass kernel over (BLOCK_V, warps) and programs per SM. (An earlier version
+    also timed a one-pass variant whose first reference was the label's logit, so a block's
     exp need not wait for its max: slower at every size but 16384/32; fused_ce_probe_rows2_h200.json.)"""
     from sft_plugins.kernels._triton_ce import ce_rows_triton
 

@@ -1,7 +1,7 @@
 """padding_free / packing+padding_free vs TRL padding_free and TRL BFD packing, end to end (LoRA SFT).
 
-The workload of ../shared/ENVIRONMENT.md and the peers' anchor (anchor_sft_bench.py), reproduced
-in the same run: a random-initialised Llama-3.2-1B-shaped model in bf16 (``build_model(
+The reference workload the peers were compared on (as in ``end_to_end.py``), reproduced in the same
+run: a random-initialised Llama-3.2-1B-shaped model in bf16 (``build_model(
 "llama-3.2-1b-shape", tokenizer=tok, dtype=torch.bfloat16)``, sdpa), LoRA r16 on all linear layers,
 batch 8, 4000 pre-tokenised examples with lognormal lengths (mean ~442, clipped to [24, 2048]), TRL
 1.16 defaults otherwise (its fused LM head, gradient checkpointing, bf16), 16 steps timed over steps
@@ -29,16 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common  # benchmarks/_common.py: puts the checkout on sys.path
+
+ROOT = _common.ROOT
 
 BATCH, MAXLEN = 8, 2048
 TARGET_SPEEDUP = 1.5
@@ -51,19 +50,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "triton"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return _common.versions(("torch", "transformers", "trl", "peft", "accelerate", "datasets", "triton"))
 
 
 def dataset(n: int, maxlen: int, vocab: int, seed: int = 0):
-    """The anchor's data: lognormal(5.8, 0.8) lengths clipped to [24, maxlen], random token ids."""
+    """The reference workload's data: lognormal(5.8, 0.8) lengths clipped to [24, maxlen], random token ids."""
     import numpy as np
     from datasets import Dataset
 
@@ -74,7 +65,7 @@ def dataset(n: int, maxlen: int, vocab: int, seed: int = 0):
 
 
 def tokenizer(vocab: int):
-    """The anchor's word-level tokenizer: every id is a token, pad and eos at the top."""
+    """The reference workload's word-level tokenizer: every id is a token, pad and eos at the top."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -268,17 +259,17 @@ def _time_attention(cuda: bool) -> dict[str, Any]:
 
 # -- parent -----------------------------------------------------------------------------------------
 def _run_child(argv: list[str], timeout: float) -> dict[str, Any]:
+    # imported here: _e2e_arms.py imports this module for its tokenizer, also in Unsloth's child
+    from sft_plugins.ablate._runner import run_arm_subprocess
+
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    try:
-        p = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, env=env,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
+    run = run_arm_subprocess([sys.executable, __file__, *argv], timeout, env=env)
+    if run["timed_out"]:
         return {"error": f"timed out after {timeout:.0f} s"}
-    lines = [ln[7:] for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if lines:
-        return json.loads(lines[-1])
-    tail = (p.stderr or p.stdout or "").strip().splitlines()[-6:]
+    if run["result"] is not None:
+        return run["result"]
+    tail = (run["stderr"] or run["stdout"] or "").strip().splitlines()[-6:]
     return {"error": " | ".join(tail)[:1200]}
 
 

@@ -8,8 +8,8 @@ Arms, all on the same random-initialised model with LoRA r=16 on all linear laye
   ``SFTConfig(activation_offloading=True)`` does with TRL's default (non-reentrant) checkpointing.
 - ``trl_offload_reentrant``: the same with reentrant checkpointing (then the recompute in backward
   runs under TRL's hooks too, so its activations are offloaded as well).
-- ``ours``: ``sft_plugins.compose(["smart_checkpointing"])`` with its defaults (since 2026-12-01c these
-  include the lean recompute, ``lean_mlp``/``lean_norm: "auto"``; earlier results' ``ours`` did not).
+- ``ours``: ``sft_plugins.compose(["smart_checkpointing"])`` with its defaults (these include the lean
+  recompute, ``lean_mlp``/``lean_norm: "auto"``; ``ours`` in smart_checkpointing_h200.json predates it).
 - ``ours_lean`` (1B shape): ``prefetch: 0, keep_last_on_gpu: 0, mlp_chunks: 8``: every input off the GPU
   and brought back on demand, and each layer's MLP recomputed in 8 sequence chunks: the least GPU
   memory, for one more MLP forward per layer and unhidden copies.
@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -48,8 +47,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import _common  # benchmarks/_common.py: puts the checkout on sys.path
 
 GiB = 1 << 30
 TARGET_OFFLOADED = 0.90
@@ -58,15 +56,7 @@ CE_CHUNK = 2048
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for dist in ("torch", "transformers", "trl", "peft", "accelerate", "sft-plugins"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = None
-    return out
+    return _common.versions(("torch", "transformers", "trl", "peft", "accelerate", "sft-plugins"))
 
 
 # -- model and step ---------------------------------------------------------------------------------
