@@ -1,3 +1,0 @@
-#!/usr/bin/env bash
-# H200 call 8 (session 2026-12-01e, run inline): a profile of qwen2.5-7b trainable, the row on the limits
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl && export PYTHONPATH=$PWD:$PWD/.gpu/site:/tmp/site || exit; python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . > /tmp/pip.log 2>&1; export PYTHONUNBUFFERED=1; timeout 150 python3 benchmarks/fused_ce.py --shapes qwen2.5-7b --frozen trainable --iters 10 --profile --profile-shape qwen2.5-7b --methods gemm_floor,gemm_floor_valid,ours --out $OUT > $OUT/bench.log 2>&1; grep -E "^\| qwen" $OUT/bench.log | head -3; cut -c1-57,100-230 $OUT/fused_ce_profile_trainable.txt | head -34
