@@ -18,19 +18,17 @@ Usage: python benchmarks/fused_ce.py [--shapes a,b] [--iters N] [--out DIR] [--p
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from sft_plugins.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_stats  # noqa: E402
+import _common  # benchmarks/_common.py: puts the checkout on sys.path
+from sft_plugins.kernels import fused_linear_cross_entropy, fused_linear_cross_entropy_stats
 
 torch.backends.cuda.matmul.allow_tf32 = True  # as the peers' benchmark; bf16 GEMMs are unaffected
 DEV = "cuda"
@@ -245,13 +243,7 @@ def run_case(method, hs, w, y, cap, frozen, ref, iters):
 
 
 def versions():
-    v = {"python": platform.python_version(), "torch": torch.__version__}
-    for p in ("triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers"):
-        try:
-            v[p] = md.version(p)
-        except md.PackageNotFoundError:
-            v[p] = None
-    return v
+    return _common.versions(("torch", "triton", "trl", "liger-kernel", "cut-cross-entropy", "transformers"))
 
 
 def main():

@@ -30,11 +30,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import fused_ce as bench  # noqa: E402  (benchmarks/fused_ce.py: shapes, reference, inputs)
+import _common  # noqa: F401  (benchmarks/_common.py: puts the checkout on sys.path)
+import fused_ce as bench  # benchmarks/fused_ce.py: shapes, reference, inputs
 
-from sft_plugins.kernels import fused_linear_cross_entropy  # noqa: E402
-from sft_plugins.kernels._function import _DEFAULT_WORKSPACE_CAP, _max_chunk_rows  # noqa: E402
+from sft_plugins.kernels import fused_linear_cross_entropy
+from sft_plugins.kernels._function import _DEFAULT_WORKSPACE_CAP, _max_chunk_rows
 
 
 def _workspace_rows(V: int, H: int) -> int:
