@@ -350,8 +350,8 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
 
     import sft_plugins
     from sft_plugins.embedded import build_model
-    from sft_plugins.plugins import (_packed_attention, adamw_8bit, fused_ce, packing, padding_free,
-                                     smart_checkpointing)
+    from sft_plugins.plugins import adamw_8bit, fused_ce, packing, padding_free, smart_checkpointing
+    from sft_plugins.plugins.padding_free import attention as packed_attention
 
     w, cuda = spec["workload"], spec["device"] == "cuda"
     _cap_memory(spec)
@@ -387,16 +387,18 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
         trainer = SFTTrainer(**kwargs)
         meter.pad_id = trainer.processing_class.pad_token_id
         _train(trainer, meter, spec, flops_model(model.config, spec["lora"]), result)
-        if model.config._attn_implementation == _packed_attention.IMPL_NAME:
-            result["packed_backend"] = _packed_attention._state["backend"]
-            result["sdpa_fallback_calls"] = _packed_attention._state["fallbacks"]
+        impl = model.config._attn_implementation or ""
+        if impl.startswith("sft_packed_"):
+            result["packed_backend"] = impl.removeprefix("sft_packed_")
+            result["sdpa_fallback_calls"] = packed_attention.sdpa_calls(model)
+            result["backend_errors"] = {k: v for k, v in packed_attention.KERNEL_PROBES.items() if v}
         with contextlib.suppress(Exception):
             result["smart_checkpointing_stats"] = smart_checkpointing.stats(model)
         with contextlib.suppress(Exception):
             result["optimizer_state"] = adamw_8bit.state_bytes(trainer.optimizer)
-        store = stack.options.get("packing", {}).get("_datasets")
-        if store:
-            result["packing_stats"] = json.loads(json.dumps(store[0].stats, default=str))
+        rows = getattr(stack.state_of("packing"), "train_rows", None)
+        if rows is not None:
+            result["packing_stats"] = json.loads(json.dumps(rows.stats, default=str))
     finally:
         stack.undo()
 

@@ -1,7 +1,7 @@
 """Benchmark: best-fit-decreasing packing of 1M examples on the CPU.
 
 Lengths are lognormal (median ~330 tokens, sigma 0.8), clipped to [1, 2048]; rows hold 2048 tokens.
-Times our vectorised BFD (``sft_plugins.plugins._bfd.pack``) end to end (assignment + row layout),
+Times our vectorised BFD (``sft_plugins.plugins.packing.bfd.pack``) end to end (assignment + row layout),
 best of ``--repeat`` runs, and reports fill and row count; optionally TRL's BFD
 (``trl.data_utils.pack_dataset(..., "bfd")``) on the same lengths when ``--trl`` is given (it
 builds an Arrow dataset of that many token lists first, which is not timed).
@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sft_plugins.plugins._bfd import pack  # noqa: E402
+from sft_plugins.plugins.packing.bfd import pack  # noqa: E402
 
 
 def lengths_lognormal(n: int, median: float, sigma: float, cap: int, seed: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def time_e2e(lengths: np.ndarray, cap: int) -> dict:
     import pyarrow as pa
     from datasets import Dataset
 
-    from sft_plugins.plugins.packing import pack_dataset
+    from sft_plugins.plugins.packing.rows import pack_dataset
 
     offsets = np.concatenate(([0], np.cumsum(lengths))).astype(np.int32)
     values = pa.array(np.arange(int(offsets[-1]), dtype=np.int32) % 50000)

@@ -91,7 +91,8 @@ def child_train(name: str, smoke: bool, steps: int, warmup: int, attention: str)
 
     import sft_plugins
     from sft_plugins.embedded import build_model
-    from sft_plugins.plugins import _packed_attention, packing, padding_free
+    from sft_plugins.plugins import packing, padding_free
+    from sft_plugins.plugins.padding_free import attention as packed_attention
 
     s = _settings(smoke)
     cuda = torch.cuda.is_available() and not smoke
@@ -129,6 +130,7 @@ def child_train(name: str, smoke: bool, steps: int, warmup: int, attention: str)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    sdpa_calls = packed_attention.sdpa_calls(model)  # counted on the layers until undo
     stack.undo()
     logs = [r for r in trainer.state.log_history if "num_tokens" in r]
     tok_counts = [r["num_tokens"] for r in logs]
@@ -138,12 +140,13 @@ def child_train(name: str, smoke: bool, steps: int, warmup: int, attention: str)
            "tokens_per_step": round(dtok / (steps - warmup), 1),
            "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
            "final_loss": logs[-1].get("loss"), "mean_len": round(mean_len, 1), "attn_implementation": attention,
-           "packed_backend": _packed_attention._state["backend"] if attention == _packed_attention.IMPL_NAME else None,
-           "sdpa_fallback_calls": _packed_attention._state["fallbacks"],
-           "backend_errors": {k: v for k, v in _packed_attention._state.items() if k.endswith("_error")}}
-    store = stack.options.get("packing", {}).get("_datasets")
-    if store:
-        out["packing_stats"] = store[0].stats
+           "packed_backend": (attention or "").removeprefix("sft_packed_") if (attention or "").startswith("sft_packed_")
+           else None,
+           "sdpa_fallback_calls": sdpa_calls,
+           "backend_errors": {k: v for k, v in packed_attention.KERNEL_PROBES.items() if v}}
+    rows = getattr(stack.state_of("packing"), "train_rows", None)
+    if rows is not None:
+        out["packing_stats"] = rows.stats
     return out
 
 
@@ -154,9 +157,9 @@ def child_check(smoke: bool) -> dict[str, Any]:
 
     import sft_plugins
     from sft_plugins.embedded import build_model, build_tokenizer
-    from sft_plugins.plugins import _packed_attention as pa
+    from sft_plugins.plugins.padding_free import attention as pa
     from sft_plugins.plugins import padding_free
-    from sft_plugins.plugins._collate import PackedCollator
+    from sft_plugins.plugins.shared import PackedCollator
 
     cuda = torch.cuda.is_available() and not smoke
     dev = "cuda" if cuda else "cpu"
@@ -210,7 +213,7 @@ def _time_attention(cuda: bool) -> dict[str, Any]:
     """One Llama-3.2-1B attention (32 q / 8 kv heads, d 64), fwd+bwd, one packed row of 42 samples."""
     import torch
 
-    from sft_plugins.plugins import _packed_attention as pa
+    from sft_plugins.plugins.padding_free import attention as pa
 
     if not cuda:
         return {"skipped": "no CUDA"}

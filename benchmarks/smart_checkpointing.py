@@ -171,7 +171,7 @@ def arm_context(arm: str, model: Any):
 def _cleanup() -> None:
     import torch
 
-    from sft_plugins.plugins._offload import empty_host_cache
+    from sft_plugins.plugins.smart_checkpointing.offload import empty_host_cache
 
     gc.collect()
     if torch.cuda.is_available():
@@ -342,7 +342,7 @@ def main() -> int:
 
     import torch
 
-    from sft_plugins.plugins._offload import host_memory
+    from sft_plugins.plugins.smart_checkpointing.offload import host_memory
 
     cfg = plan(args.smoke)
     if args.models:

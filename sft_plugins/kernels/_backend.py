@@ -8,7 +8,7 @@ import os
 import torch
 
 # SFT_PLUGINS_CE_<NAME>: (default, meaning). Tuning and diagnosis knobs of the fused cross-entropy; the
-# defaults are what docs/benchmarks.md measured best.
+# defaults are what docs/fused_ce_notes.md measured best.
 CE_SETTINGS: dict[str, tuple[str, str]] = {
     "BACKEND": ("auto", "auto | triton | torch: the backend when the caller names none"),
     "WORKSPACE_MB": ("", "cap of the chunk workspace in MiB (empty: from the device's free memory)"),

@@ -23,7 +23,7 @@ cuBLAS computes dH_chunk = dlogits @ W and, if W is trainable, dW += dlogits^T @
   chunks, an fp32 [V, H] accumulator is used when W is fp32, when asked for (``dw_accum="fp32"``),
   or ("auto") when it fits half the workspace budget; otherwise partial sums are added in W's dtype
   (one rounding per chunk, ~N/C of them) - an fp32 accumulator for a 128k x 4k head is 2 GB,
-  eight times the memory budget. docs/benchmarks.md (fused_ce) gives the measured error.
+  eight times the memory budget. docs/fused_ce_notes.md gives the measured error.
 * Host syncs: one, the number of valid rows (it sizes the loop). It is copied to pinned memory behind the
   first chunk's GEMM and read after that is queued, so the GPU does not idle for it on large batches.
 """
@@ -117,7 +117,7 @@ def _max_chunk_rows(V: int, H: int, elt: int, backend: str, budget: int) -> int:
 
 def _balanced_rows(n: int, rows: int) -> int:
     """Chunk size for n rows in as few chunks of at most ``rows`` as possible, balanced, rounded up to a
-    multiple of 8 within ``rows`` (tile-sized multiples, 64-256, were no faster on the H200: notes)."""
+    multiple of 8 within ``rows`` (tile-sized multiples, 64-256, were no faster on the H200: docs/fused_ce_notes.md)."""
     size = math.ceil(n / math.ceil(n / rows))
     return min(rows, -(-size // 8) * 8) if size >= 8 else size
 
@@ -135,7 +135,7 @@ def _dh_split(rows: int, H: int, V: int, w: torch.Tensor, leftover: int) -> int:
     fp32 sum) fit in what the workspace budget leaves after the logits buffer.
     """
     # Off by default: on the H200, cuBLAS's own choice for the few-tile dH GEMM was as fast or
-    # faster (gemma2-2b frozen: 33.1 ms unsplit vs 34.8 ms split 2; docs/benchmarks.md, fused_ce).
+    # faster (gemma2-2b frozen: 33.1 ms unsplit vs 34.8 ms split 2; docs/fused_ce_notes.md).
     env = ce_setting("DH_SPLIT")
     if env != "auto":
         return max(1, int(env))
@@ -341,7 +341,7 @@ def _chunk_loop(
                 part = torch.mm(lg, w, out=dh[start:end]) if direct else _mm_dh(lg, w, split)
                 if rf is not None:
                     # a second rounding after the GEMM's: grad_h error 2.8e-3 vs 2.3e-3 (two passes) on the
-                    # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (docs/benchmarks.md, fused_ce)
+                    # H200; an fp32 GEMM output avoided it but cost time and 15 MiB (docs/fused_ce_notes.md)
                     part.mul_(rf[:, None])
                 if not contiguous:
                     dh.index_copy_(0, r, part)

@@ -261,7 +261,7 @@ def _launch_config(V: int, one_pass: bool, softcap: bool, interpret: bool) -> tu
         block, warps = min(triton.next_power_of_2(V), 4096), 8 if softcap else 4
     else:
         # two passes: 16384-wide blocks with 32 warps were the fastest, plain and softcap
-        # (H200; docs/benchmarks.md, fused_ce)
+        # (H200; docs/fused_ce_notes.md)
         block = min(triton.next_power_of_2(V), 1 << 14)
         warps = max(4, min(32, block // 512))
     block = int(ce_setting("BLOCK_V")) or block

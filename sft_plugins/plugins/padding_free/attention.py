@@ -44,6 +44,14 @@ KERNEL_PROBES: dict[str, str | None] = {}
 _REGISTRY_USERS: Counter[str] = Counter()
 
 
+SDPA_CALLS_ATTR = "sft_packed_sdpa_calls"  # per attention layer: calls that were not packed rows
+
+
+def sdpa_calls(model: Any) -> int:
+    """How many attention calls of ``model`` went to plain sdpa (padded batches, KV caches) since install."""
+    return sum(vars(m).get(SDPA_CALLS_ATTR, 0) for m in model.modules())
+
+
 def impl_name(backend: str) -> str:
     """The attention-implementation name a model is switched to for ``backend``."""
     return f"{PACKED_IMPL_PREFIX}_{backend}"
@@ -248,7 +256,9 @@ def _attend(backend: str, module: torch.nn.Module, query: torch.Tensor, key: tor
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if attention_mask is not None or key.shape[2] != query.shape[2]:
-        # a padded batch or a KV cache: not a packed row; sdpa with the mask transformers built is right
+        # a padded batch or a KV cache: not a packed row; sdpa with the mask transformers built is right.
+        # Counted on the layer (diagnostics for benchmarks; removed by install()'s undo).
+        vars(module)[SDPA_CALLS_ATTR] = vars(module).get(SDPA_CALLS_ATTR, 0) + 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     if dropout and module.training:
@@ -355,6 +365,8 @@ def install(model: Any, backend: str) -> Callable[[], None]:
     def undo() -> None:
         if current_impl(model) == name:
             model.set_attn_implementation(previous)
+        for module in model.modules():
+            vars(module).pop(SDPA_CALLS_ATTR, None)
         _REGISTRY_USERS[backend] -= 1
         if _REGISTRY_USERS[backend] <= 0:
             del _REGISTRY_USERS[backend]
