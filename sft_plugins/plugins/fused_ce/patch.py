@@ -209,7 +209,7 @@ def _labels_forward(model: Any, patch: Patch, args: tuple, kwargs: dict[str, Any
                     shift_labels: Any, num_items_in_batch: Any) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    from ..kernels import fused_linear_cross_entropy
+    from ...kernels import fused_linear_cross_entropy
 
     out, hidden, labels = _hidden_and_labels(model, args, kwargs, labels, shift_labels)
     h, w, b = _kernel_inputs(model, patch, hidden)
@@ -228,7 +228,7 @@ def _trl_forward(model: Any, patch: Patch, args: tuple, kwargs: dict[str, Any], 
     import torch
     from trl.trainer.utils import FusedCausalLMOutput
 
-    from ..kernels import fused_linear_cross_entropy_stats
+    from ...kernels import fused_linear_cross_entropy_stats
 
     _, hidden, labels = _hidden_and_labels(model, args, kwargs, labels, shift_labels)
     h, w, b = _kernel_inputs(model, patch, hidden)
