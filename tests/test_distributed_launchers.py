@@ -7,7 +7,7 @@ script applies accelerate's own two-line switch on CPU (see ``_enable_fsdp_on_cp
 (``fully_shard`` of layers, ``[norm, lm_head]`` and root, the optimizer on DTensors) is accelerate's
 and the trainer's code. The launched processes run the kernels' torch path (no ``TRITON_INTERPRET``:
 the interpreter costs ~8 s per arm here); the kernel backends' parity is tested in
-``test_plugin_fused_ce.py`` and ``tests/kernels``.
+``tests/plugins/fused_ce`` and ``tests/kernels``.
 """
 
 from __future__ import annotations

@@ -128,9 +128,9 @@ _KERNEL_WEIGHTS: list[str] = []  # what the fused_ce kernel got as lm_head weigh
 def _watch_kernel_inputs() -> None:
     """Record the lm_head weight as registered when fused_ce's kernel is reached (a sharded DTensor or the
     unsharded parameter) and what fused_ce hands to the kernel (type and shape)."""
-    from sft_plugins.plugins import fused_ce
+    from sft_plugins.plugins.fused_ce import patch as fused_patch  # our forward calls patch._kernel_inputs
 
-    original = fused_ce._kernel_inputs
+    original = fused_patch._kernel_inputs
     if getattr(original, "_watched", False):
         return
 
@@ -141,7 +141,7 @@ def _watch_kernel_inputs() -> None:
         return out
 
     watched._watched = True  # type: ignore[attr-defined]
-    fused_ce._kernel_inputs = watched
+    fused_patch._kernel_inputs = watched
 
 
 def _fused_ce_calls() -> dict[str, int] | None:

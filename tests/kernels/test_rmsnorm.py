@@ -11,7 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from sft_plugins.kernels import _rmsnorm
 from sft_plugins.kernels._backend import triton_runs_on
-from sft_plugins.plugins._lean_norm import is_llama_rmsnorm, lean_rmsnorm
+from sft_plugins.plugins.smart_checkpointing.lean_norm import is_llama_rmsnorm, lean_rmsnorm
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 PATHS = ["triton", "torch"] if triton_runs_on(torch.device(DEV)) else ["torch"]
