@@ -1,4 +1,4 @@
-"""``sft-plugins``: list the plugins and their options, run A/B ablations."""
+"""``sft-plugins``: list the plugins and their options, train with them, run A/B ablations."""
 
 from __future__ import annotations
 
@@ -84,6 +84,11 @@ def _list(as_json: bool, with_options: bool) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        # TRL's parser owns train's flags (every SFTConfig/ModelConfig field); imported only when asked
+        from .train import main as train_main
+
+        return train_main(argv[1:])
     if argv[:1] == ["ablate"]:
         # The ablation runner owns its options; import it only when asked (it imports torch).
         from .ablate import main as ablate_main
@@ -100,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="one plugin: where it comes from, its hooks and every option")
     p_info.add_argument("name", help="the plugin's name, as `sft-plugins list` shows it")
     p_info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    sub.add_parser("train", help="fine-tune with plugins from a TRL `trl sft` YAML (see `sft-plugins train --help`)")
     sub.add_parser("ablate", help="run an A/B ablation of plugins (see `sft-plugins ablate --help`)")
     args = parser.parse_args(argv)
     if args.command == "list":
