@@ -71,8 +71,13 @@ class Patch:
 
 
 def patch_of(model: Any) -> Patch | None:
-    """The live patch of ``model``, or None."""
-    return getattr(model, "__dict__", {}).get(_PATCH_ATTR)
+    """The live patch of ``model`` or of a model inside it (a PEFT wrapper holds the patched base), or None."""
+    modules = model.modules() if hasattr(model, "modules") else [model]
+    for module in modules:
+        patch = getattr(module, "__dict__", {}).get(_PATCH_ATTR)
+        if patch is not None:
+            return patch
+    return None
 
 
 def _offloader(opts: dict[str, Any]) -> Any:

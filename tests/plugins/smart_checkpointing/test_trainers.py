@@ -33,10 +33,6 @@ def test_sfttrainer_lora_parity(tok):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.xfail(strict=True, raises=PluginError, reason=(
-    "sft_plugins bug: smart_checkpointing.stats()/patch_of() look only at the object's own __dict__, so the "
-    "PeftModel SFTTrainer(peft_config=...) wraps the patched model in is 'not patched' (it worked before the "
-    "per-model patch attribute replaced _ACTIVE)"))
 def test_stats_of_the_trainers_peft_wrapped_model(tok):
     stack, trainer, model = sft(tok, [NAME], args_kw={"max_steps": 1})
     try:
