@@ -272,6 +272,39 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def trl_config_kwargs(spec: dict[str, Any], out_dir: pathlib.Path) -> dict[str, Any]:
+    """The trainer kwargs of a `trl sft` config, built as ``sft-plugins train`` builds them, with what an
+    ablation must fix: ``max_steps`` (the arm's steps), no checkpoints, a log every step, the arm's own
+    ``output_dir`` and ``run_name`` (so ``report_to`` shows one curve per arm)."""
+    import dataclasses
+
+    from trl import get_peft_config
+
+    from sft_plugins.train import load_datasets, load_model, load_tokenizer
+    from sft_plugins.train._config import parse
+
+    script_args, args, model_args, dataset_args, _ = parse(["--config", spec["trl_config"]])
+    args = dataclasses.replace(args, max_steps=spec["steps"], save_strategy="no", logging_steps=1,
+                               output_dir=str(out_dir), run_name=spec["arm"], disable_tqdm=True,
+                               eval_strategy="no", push_to_hub=False)
+    tok = load_tokenizer(model_args, args)
+    model = load_model(model_args, args, tok)
+    dataset, _ = load_datasets(script_args, dataset_args, args)
+    return dict(model=model, args=args, train_dataset=dataset, processing_class=tok,
+                peft_config=get_peft_config(model_args))
+
+
+def _inputs(spec: dict[str, Any], device: str, dtype: Any, bf16: bool, out_dir: pathlib.Path) -> dict[str, Any]:
+    """The trainer kwargs a user would write (before the stack sees them)."""
+    if spec.get("trl_config"):
+        return trl_config_kwargs(spec, out_dir)
+    model, tok = load_model_and_tokenizer(spec, device, dtype)
+    dataset = load_data(spec)
+    if spec["trainer"] == "hf":
+        dataset = tokenize_for_trainer(dataset, tok, spec["max_length"])
+    return build_kwargs(spec, model, tok, dataset, build_args(spec, device, bf16, out_dir))
+
+
 def train(spec: dict[str, Any], result: dict[str, Any]) -> None:
     import sft_plugins
 
@@ -281,17 +314,13 @@ def train(spec: dict[str, Any], result: dict[str, Any]) -> None:
 
     set_seed(spec["seed"])
     emit("phase", phase="loading model")
-    model, tok = load_model_and_tokenizer(spec, device, dtype)
+    user_kwargs = _inputs(spec, device, dtype, bf16, pathlib.Path(spec["arm_dir"]) / "trainer")
+    model = user_kwargs["model"]
     result["model_parameters"] = sum(p.numel() for p in model.parameters())
-    dataset = load_data(spec)
-    if spec["trainer"] == "hf":
-        dataset = tokenize_for_trainer(dataset, tok, spec["max_length"])
-    out_dir = pathlib.Path(spec["arm_dir"]) / "trainer"
-    args = build_args(spec, device, bf16, out_dir)
     emit("phase", phase="composing")
     stack = sft_plugins.compose(spec["plugins"], spec["options"], plugins=local_plugins(spec))
     result["describe"] = stack.describe()
-    kwargs = stack.prepare(**build_kwargs(spec, model, tok, dataset, args))
+    kwargs = stack.prepare(**user_kwargs)
     try:
         result["stack_report"] = json.loads(json.dumps(stack.report, default=str))
         set_seed(spec["seed"])  # same RNG state at trainer construction in every arm, whatever prepare did
@@ -314,18 +343,17 @@ def check(spec: dict[str, Any], result: dict[str, Any]) -> None:
     import sft_plugins
 
     device, dtype, bf16 = _setup(spec, result)
-    dataset = load_data({**spec, "dataset_size": 64})
-    if len(dataset) > 64:
-        dataset = dataset.select(range(64))  # plugins may transform the dataset in prepare: keep it cheap
-    args = build_args(spec, device, bf16, pathlib.Path(spec["arm_dir"]) / "trainer")
+    out_dir = pathlib.Path(spec["arm_dir"]) / "trainer"
     problems: dict[str, str] = {}
     for arm in spec["check_arms"]:
         emit("phase", phase=f"checking {arm['name']}")
-        model, tok = load_model_and_tokenizer(spec, device, dtype)
-        data = tokenize_for_trainer(dataset, tok, spec["max_length"]) if spec["trainer"] == "hf" else dataset
+        kwargs = _inputs({**spec, "dataset_size": 64, "arm": arm["name"]}, device, dtype, bf16, out_dir)
+        data = kwargs["train_dataset"]
+        if len(data) > 64:
+            kwargs["train_dataset"] = data.select(range(64))  # plugins may transform it in prepare: keep it cheap
         try:
             stack = sft_plugins.compose(arm["plugins"], arm["options"], plugins=local_plugins(spec))
-            stack.prepare(**build_kwargs(spec, model, tok, data, args))
+            stack.prepare(**kwargs)
             stack.undo()
         except sft_plugins.PluginError as exc:
             problems[arm["name"]] = str(exc)

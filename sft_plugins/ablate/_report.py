@@ -225,6 +225,13 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         f"Total wall time {results['wall_s']:.0f} s; every arm ran in a fresh process.",
         "",
     ]
+    if cfg.get("trl_config"):
+        # every key the user's `trl sft` config sets, as set; the arms changed only max_steps, checkpoints,
+        # logging, output_dir and run_name
+        lines += [f"Workload from `{cfg['trl_config']}` (each arm: `max_steps={cfg['steps']}`, no checkpoints, a log "
+                  "every step, its own `output_dir` and `run_name`):", "", "| key | value |", "|---|---|"]
+        lines += [f"| `{k}` | `{json.dumps(v, default=str)}` |" for k, v in (cfg.get("trl_values") or {}).items()]
+        lines += [""]
     if data:
         keys = list(data[0].keys())
         lines += ["| " + " | ".join(keys) + " |",

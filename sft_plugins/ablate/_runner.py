@@ -74,8 +74,14 @@ def plan_arms(config: AblationConfig, infos: dict[str, PluginInfo], local: dict[
     """The arms to run, baseline first; raises ConfigError for names that cannot compose."""
     arms: list[Arm] = []
     if config.arms:
+        twice = sorted({a for a in config.arms if config.arms.count(a) > 1})
+        if twice:
+            raise ConfigError(f"arm {twice[0]!r} is named twice in --arms; name each arm once")
         names = [BASELINE] + [a for a in config.arms if a != BASELINE]  # the reference always runs, first
-        names = list(dict.fromkeys(names))
+    elif config.config_plugins:  # a `trl sft` config's plugins: each alone, then all of them as the file says
+        names = [BASELINE] + list(config.config_plugins)
+        if len(config.config_plugins) > 1:
+            names.append("+".join(config.config_plugins))
     else:
         wide = config.all_singles or config.all
         singles = [n for n, i in infos.items() if wide or i.source == "builtin"]
@@ -115,7 +121,7 @@ def base_spec(config: AblationConfig) -> dict[str, Any]:
         "dataset_size": config.dataset_size, "steps": config.steps, "batch_size": config.batch_size,
         "max_length": config.max_length, "lr": config.resolved_lr(), "seed": config.seed,
         "trainer": config.trainer, "lora": config.lora, "lora_r": config.lora_r, "lora_alpha": config.lora_alpha,
-        "device": config.device, "load": dict(config.load),
+        "device": config.device, "load": dict(config.load), "trl_config": config.trl_config,
     }
 
 

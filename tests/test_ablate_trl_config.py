@@ -1,0 +1,77 @@
+"""``sft-plugins ablate --config`` on a `trl sft` YAML: the same file ``sft-plugins train`` takes; every arm
+trains the user's workload, and the report records every key the file sets."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sft_plugins.ablate import ConfigError, make_config
+from sft_plugins.ablate._config import load_yaml
+from sft_plugins.embedded import build_model, build_tokenizer, records
+
+
+@pytest.fixture(scope="module")
+def trl_yaml(tmp_path_factory):
+    root = tmp_path_factory.mktemp("abl")
+    tok = build_tokenizer()
+    build_model(tokenizer=tok).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    with open(root / "chat.jsonl", "w") as f:
+        for r in records(48, form="conversational", max_words=20):
+            f.write(json.dumps(r) + "\n")
+    config = {"model_name_or_path": str(root / "model"), "dataset_name": str(root / "chat.jsonl"),
+              "learning_rate": 5.0e-4, "lr_scheduler_type": "constant", "max_steps": 3,
+              "per_device_train_batch_size": 2, "max_length": 96, "assistant_only_loss": True, "seed": 3,
+              "use_cpu": True, "bf16": False, "report_to": "none", "output_dir": str(root / "unused"),
+              "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear",
+              "plugins": ["padding_free", "fused_ce"], "plugin_options": {"padding_free": {"attention": "loop"}}}
+    path = root / "sft.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path, config
+
+
+def test_trl_yaml_becomes_the_ablation_workload(trl_yaml):
+    path, config = trl_yaml
+    values = load_yaml(path)
+    assert values["trl_config"] == str(path.resolve()) and values["trl_values"] == config
+    cfg = make_config(values)
+    assert (cfg.steps, cfg.batch_size, cfg.max_length, cfg.seed, cfg.lora) == (3, 2, 96, 3, True)
+    assert cfg.config_plugins == ["padding_free", "fused_ce"]
+
+
+def test_ablate_config_runs_the_users_setup_and_records_every_key(trl_yaml, tmp_path):
+    path, config = trl_yaml
+    out = tmp_path / "report"
+    run = subprocess.run([sys.executable, "-m", "sft_plugins.cli", "ablate", "--config", str(path), "--arms",
+                          "padding_free", "--output-dir", str(out)], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [a["name"] for a in results["arms"]] == ["baseline", "padding_free"]
+    assert all(a["status"] == "ok" and len(a["steps"]) == 3 for a in results["arms"])
+    assert results["config"]["trl_values"] == config
+    report = (out / "report.md").read_text()
+    for key, value in config.items():  # every field the file sets, with its value
+        assert f"| `{key}` | `{json.dumps(value)}` |" in report
+    spec = json.loads((out / "arms" / "padding_free" / "spec.json").read_text())
+    assert spec["trl_config"] == str(path.resolve())
+    assert results["arms"][1]["parity"]["verdict"] == "pass"
+
+
+def test_arms_named_twice_are_refused():
+    with pytest.raises(ConfigError, match="named twice"):
+        from sft_plugins.ablate._runner import load_locals, plan_arms, plugin_infos
+
+        config = make_config(arms=["fused_ce", "fused_ce"])
+        plan_arms(config, plugin_infos(load_locals(config)), {})
+
+
+def test_unknown_trl_key_names_the_closest(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model_name_or_path: tiny\nlearning_rat: 1e-4\n")
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        load_yaml(path)
