@@ -26,3 +26,21 @@ def tok():
     from sft_plugins.embedded import build_tokenizer
 
     return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def local_model_and_chat(tmp_path_factory):
+    """A model folder (tiny Llama + tokenizer, save_pretrained) and a chat-``messages`` jsonl on disk, as a
+    user of ``sft-plugins train`` / ``ablate --config`` has them: ``(model_dir, jsonl_path)``."""
+    import json
+
+    from sft_plugins.embedded import build_model, build_tokenizer, records
+
+    root = tmp_path_factory.mktemp("local_run")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer=tokenizer).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    with open(root / "chat.jsonl", "w") as f:
+        for r in records(48, form="conversational", max_words=24):
+            f.write(json.dumps(r) + "\n")
+    return root / "model", root / "chat.jsonl"

@@ -12,19 +12,13 @@ import yaml
 
 from sft_plugins.ablate import ConfigError, make_config
 from sft_plugins.ablate._config import load_yaml
-from sft_plugins.embedded import build_model, build_tokenizer, records
 
 
 @pytest.fixture(scope="module")
-def trl_yaml(tmp_path_factory):
+def trl_yaml(local_model_and_chat, tmp_path_factory):
+    model_dir, chat = local_model_and_chat
     root = tmp_path_factory.mktemp("abl")
-    tok = build_tokenizer()
-    build_model(tokenizer=tok).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "chat.jsonl", "w") as f:
-        for r in records(48, form="conversational", max_words=20):
-            f.write(json.dumps(r) + "\n")
-    config = {"model_name_or_path": str(root / "model"), "dataset_name": str(root / "chat.jsonl"),
+    config = {"model_name_or_path": str(model_dir), "dataset_name": str(chat),
               "learning_rate": 5.0e-4, "lr_scheduler_type": "constant", "max_steps": 3,
               "per_device_train_batch_size": 2, "max_length": 96, "assistant_only_loss": True, "seed": 3,
               "use_cpu": True, "bf16": False, "report_to": "none", "output_dir": str(root / "unused"),

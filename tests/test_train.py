@@ -11,20 +11,10 @@ import sys
 import pytest
 import yaml
 
-from sft_plugins.embedded import build_model, build_tokenizer, records
-
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory):
-    """A model folder and a chat jsonl on disk, as a user would have them."""
-    root = tmp_path_factory.mktemp("train")
-    tok = build_tokenizer()
-    build_model(tokenizer=tok).save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
-    with open(root / "chat.jsonl", "w") as f:
-        for r in records(48, form="conversational", max_words=24):
-            f.write(json.dumps(r) + "\n")
-    return root
+def local_run(local_model_and_chat):
+    return local_model_and_chat[0].parent
 
 
 def _config(root, out, **extra):
