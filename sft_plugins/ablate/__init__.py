@@ -66,7 +66,13 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
     infos = plugin_infos(local)
     arms = plan_arms(config, infos, local)
     out_dir = config.resolved_output_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / ".write-test").touch()
+        (out_dir / ".write-test").unlink()
+    except OSError as exc:
+        raise ConfigError(f"output dir {out_dir}: cannot write there ({exc.strerror or exc}); "
+                          "pass --output-dir DIR") from None
     skip = config.resolved_skip_steps()
     started = time.monotonic()
     view = ProgressView([a.name for a in arms], config.steps, skip, console=console, enabled=show_progress)
@@ -75,23 +81,33 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
 
     spec = base_spec(config)
     results: list[dict[str, Any]] = []
+    interrupted = False
     with view:
-        for arm in arms:
-            if arm.skipped:
-                result: dict[str, Any] = {"status": "skipped", "error": arm.skipped, "steps": []}
-            else:
-                view.started(arm.name)
-                result = run_child({**spec, "arm": arm.name, "plugins": arm.plugins, "options": arm.options},
-                                   out_dir / "arms" / arm.slug, config.timeout,
-                                   lambda event, name=arm.name: view.event(name, event))
-            result.update(name=arm.name, plugins=arm.plugins, options=arm.options)
-            results.append(result)
-            view.finished(arm.name, result)
+        try:
+            for arm in arms:
+                if arm.skipped:
+                    result: dict[str, Any] = {"status": "skipped", "error": arm.skipped, "steps": []}
+                else:
+                    view.started(arm.name)
+                    result = run_child({**spec, "arm": arm.name, "plugins": arm.plugins, "options": arm.options},
+                                       out_dir / "arms" / arm.slug, config.timeout,
+                                       lambda event, name=arm.name: view.event(name, event))
+                result.update(name=arm.name, plugins=arm.plugins, options=arm.options)
+                results.append(result)
+                view.finished(arm.name, result)
+        except KeyboardInterrupt:  # Ctrl-C: the arms that finished are still reported, the rest marked
+            interrupted = True
+    done = {r["name"] for r in results}
+    for arm in arms:
+        if arm.name not in done:
+            results.append({"status": "interrupted", "error": "not run: the ablation was interrupted (Ctrl-C)",
+                            "steps": [], "name": arm.name, "plugins": arm.plugins, "options": arm.options})
 
     config_dict = {**config.as_dict(), "lr": config.resolved_lr(), "output_dir": str(out_dir)}
     final = finalize(config_dict, results, {k: v.as_dict() for k, v in infos.items()}, skip,
                      time.monotonic() - started)
     final["output_dir"] = str(out_dir)
+    final["incomplete"] = interrupted or any(a["status"] not in ("ok", "skipped") for a in results)
     try:
         plots = write_plots(final, out_dir)
     except Exception as exc:  # a plotting problem must not lose the measurements
@@ -100,7 +116,17 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
     final["plots"] = plots
     write_json(final, out_dir / "results.json")
     (out_dir / "report.md").write_text(markdown(final, plots))
+    if interrupted:
+        raise AblationInterrupted(final)
     return final
+
+
+class AblationInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an ablation, after the finished arms' report was written (``results``)."""
+
+    def __init__(self, results: dict[str, Any]) -> None:
+        super().__init__("interrupted")
+        self.results = results
 
 
 def _terminate_cleanly() -> None:
@@ -129,6 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sft-plugins ablate: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return EXIT_BAD_OPTIONS
+    except AblationInterrupted as exc:
+        out = pathlib.Path(exc.results["output_dir"])
+        print(f"sft-plugins ablate: interrupted; the arms that finished are in {out / 'report.md'} and "
+              f"{out / 'results.json'} (marked incomplete)", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("sft-plugins ablate: interrupted", file=sys.stderr)
         return 130

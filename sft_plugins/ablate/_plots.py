@@ -14,6 +14,7 @@ from ._config import BASELINE
 
 BASE_COLOR = "#7f7f7f"
 FASTER, SLOWER, SAME = "#2ca02c", "#d62728", "#9ecae1"
+NOISY_COLOR = "#d9d9d9"
 SAME_BAND = 0.03  # within ±3% of the baseline is run-to-run noise on a shared machine: not coloured as a win/loss
 LINESTYLES = ("-", "--", "-.", ":")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
@@ -60,8 +61,9 @@ def loss_plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
             dx, dy = zip(*diffs)
             bottom.plot(dx, [max(d, 1e-9) for d in dy], **style)
             tol = (arm.get("parity") or {}).get("tolerance")
-            if tol:
-                bottom.axhline(tol, color=colors[arm["name"]], ls=(0, (4, 4)), lw=1, alpha=0.8)
+            if tol:  # only plugins that promise parity have one: the others are drawn without a line
+                bottom.axhline(tol, color=colors[arm["name"]], ls=(0, (4, 4)), lw=1, alpha=0.8,
+                               label=f"{arm['name']}: tolerance {tol:g}")
     top.set_ylabel("training loss")
     top.set_title("Loss per step (same seed, data order and hyperparameters)")
     top.grid(alpha=0.3)
@@ -69,6 +71,8 @@ def loss_plot(results: Mapping[str, Any], path: pathlib.Path) -> None:
         top.legend(loc="upper right", fontsize=9, framealpha=0.9)
     else:
         top.text(0.5, 0.5, "no arm finished a step", ha="center", va="center", transform=top.transAxes)
+    if bottom.get_legend_handles_labels()[0]:
+        bottom.legend(loc="upper right", fontsize=8, framealpha=0.9)
     bottom.set_yscale("log")
     bottom.set_ylabel("|loss − baseline| / baseline")
     bottom.set_xlabel("optimizer step")
@@ -87,9 +91,12 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
     names = [a["name"] for a in arms]
     values = [((a.get("summary") or {}).get(key) or 0.0) / scale for a in arms]
     ratios = [(a.get("summary") or {}).get(ratio_key) for a in arms]
+    noisy = [bool((a.get("summary") or {}).get("timing_noisy")) for a in arms]
     colors = []
-    for arm, r in zip(arms, ratios):
-        if arm["name"] == BASELINE or r is None:
+    for arm, r, loud in zip(arms, ratios, noisy):
+        if loud:  # the report flags its step times as noisy: no win/loss colour
+            colors.append(NOISY_COLOR)
+        elif arm["name"] == BASELINE or r is None:
             colors.append(BASE_COLOR)
         elif abs(r - 1.0) <= SAME_BAND:
             colors.append(SAME)
@@ -98,22 +105,27 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
             colors.append(FASTER if better else SLOWER)
     fig, ax = plt.subplots(figsize=(10, 0.55 * len(arms) + 1.6))
     ys = list(range(len(arms)))[::-1]  # first arm (baseline) on top
-    ax.barh(ys, values, color=colors, height=0.6)
+    bars = ax.barh(ys, values, color=colors, height=0.6)
+    for bar, loud in zip(bars, noisy):
+        if loud:
+            bar.set_hatch("//")
+            bar.set_edgecolor(BASE_COLOR)
     vmax = max(values) if any(values) else 1.0
     base_value = next((v for a, v in zip(arms, values) if a["name"] == BASELINE and v), None)
     if base_value:
         ax.axvline(base_value, color=BASE_COLOR, ls="--", lw=1)
-    for y, arm, v, r in zip(ys, arms, values, ratios):
+    for y, arm, v, r, loud in zip(ys, arms, values, ratios, noisy):
         if arm["status"] != "ok" or not v:
             ax.text(vmax * 0.01, y, f"{arm['status']}: {(arm.get('error') or '')[:70]}", va="center",
                     fontsize=9, color=SLOWER if arm["status"] != "skipped" else BASE_COLOR)
             continue
         ratio = "" if r is None or arm["name"] == BASELINE else f"  ({r:.2f}× baseline)"
-        ax.text(v + vmax * 0.01, y, fmt(v) + ratio, va="center", fontsize=9)
+        flag = "  noisy timing: busy machine?" if loud else ""
+        ax.text(v + vmax * 0.01, y, fmt(v) + ratio + flag, va="center", fontsize=9)
     ax.set_yticks(ys, names)
     ax.set_xlim(0, vmax * 1.45)
     ax.set_xlabel(f"{xlabel}      (green: better, red: worse, light blue: within ±{SAME_BAND:.0%} of the "
-                  "baseline, dashed)", fontsize=9)
+                  "baseline, dashed; hatched grey: step times too noisy to compare)", fontsize=9)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

@@ -225,6 +225,10 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         f"Total wall time {results['wall_s']:.0f} s; every arm ran in a fresh process.",
         "",
     ]
+    if results.get("incomplete"):
+        missing = [a["name"] for a in results["arms"] if a["status"] not in ("ok", "skipped")]
+        lines += [f"**Incomplete**: {', '.join(missing)} did not finish (see below); the other arms are complete "
+                  "and comparable.", ""]
     if cfg.get("trl_config"):
         # every key the user's `trl sft` config sets, as set; the arms changed only max_steps, checkpoints,
         # logging, output_dir and run_name
