@@ -69,3 +69,23 @@ def test_unknown_trl_key_names_the_closest(tmp_path):
     path.write_text("model_name_or_path: tiny\nlearning_rat: 1e-4\n")
     with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
         load_yaml(path)
+
+
+def test_gpu_default_workload_only_when_nothing_was_named():
+    from sft_plugins.ablate import with_device_workload
+    from sft_plugins.ablate._config import GPU_WORKLOAD
+
+    gpu = with_device_workload(make_config(), cuda=True)
+    assert {k: getattr(gpu, k) for k in GPU_WORKLOAD} == GPU_WORKLOAD and gpu.max_length >= 2048 and gpu.lora
+    assert with_device_workload(make_config(), cuda=False).model == "tiny"
+    assert with_device_workload(make_config(model="tiny"), cuda=True).model == "tiny"  # the user's choice wins
+    assert with_device_workload(make_config(device="cpu"), cuda=True).model == "tiny"
+
+
+def test_long_tail_dataset_lengths():
+    import numpy as np
+
+    from sft_plugins.embedded import build_token_dataset
+
+    lengths = np.array([len(r) for r in build_token_dataset(2000, max_length=2048)["input_ids"]])
+    assert lengths.min() >= 24 and lengths.max() == 2048 and 250 < np.median(lengths) < 420

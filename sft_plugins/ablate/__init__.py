@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._config import BASELINE, AblationConfig, ConfigError, load_yaml, make_config, parse_args
+from ._config import BASELINE, GPU_WORKLOAD, AblationConfig, ConfigError, load_yaml, make_config, parse_args
 
 __all__ = ["BASELINE", "AblationConfig", "ConfigError", "load_yaml", "main", "make_config", "run_ablation"]
 
@@ -62,6 +62,7 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
     if not isinstance(config, AblationConfig):
         config = make_config(config or {})
     config.validate()
+    config = with_device_workload(config, _cuda_available())
     local = load_locals(config)
     infos = plugin_infos(local)
     arms = plan_arms(config, infos, local)
@@ -127,6 +128,22 @@ class AblationInterrupted(KeyboardInterrupt):
     def __init__(self, results: dict[str, Any]) -> None:
         super().__init__("interrupted")
         self.results = results
+
+
+def with_device_workload(config: AblationConfig, cuda: bool) -> AblationConfig:
+    """The config to run: on a GPU, with no model or data named, :data:`GPU_WORKLOAD` instead of the
+    embedded tiny CPU default."""
+    if config.workload_given or not cuda or config.device == "cpu":
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, **GPU_WORKLOAD, workload_given=True)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _terminate_cleanly() -> None:

@@ -78,15 +78,17 @@ def load_model_and_tokenizer(spec: dict[str, Any], device: str, dtype: Any) -> t
     return model, tok
 
 
-def load_data(spec: dict[str, Any]) -> Any:
+def load_data(spec: dict[str, Any], tok: Any = None) -> Any:
     from datasets import load_dataset
 
-    from sft_plugins.embedded import build_dataset
+    from sft_plugins.embedded import LONG_TAIL, build_dataset, build_token_dataset
 
     name = spec["dataset"]
+    n = spec["dataset_size"] or spec["steps"] * spec["batch_size"]
     if name is None:
-        n = spec["dataset_size"] or spec["steps"] * spec["batch_size"]
         return build_dataset(n, form="conversational", seed=spec["seed"])
+    if name == LONG_TAIL:
+        return build_token_dataset(n, spec["max_length"], len(tok) if tok is not None else 512, seed=spec["seed"])
     path = pathlib.Path(name).expanduser()
     if path.is_file():
         kind = "parquet" if path.suffix == ".parquet" else "json"
@@ -299,7 +301,7 @@ def _inputs(spec: dict[str, Any], device: str, dtype: Any, bf16: bool, out_dir: 
     if spec.get("trl_config"):
         return trl_config_kwargs(spec, out_dir)
     model, tok = load_model_and_tokenizer(spec, device, dtype)
-    dataset = load_data(spec)
+    dataset = load_data(spec, tok)
     if spec["trainer"] == "hf":
         dataset = tokenize_for_trainer(dataset, tok, spec["max_length"])
     return build_kwargs(spec, model, tok, dataset, build_args(spec, device, bf16, out_dir))

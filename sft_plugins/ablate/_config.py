@@ -30,6 +30,13 @@ BF16_PARITY_FLOOR = 2e-2
 TINY_LR, DEFAULT_LR = 1e-3, 2e-4
 
 
+# With CUDA and no workload named, the default is one where the plugins matter: a 1B shape, LoRA, bf16,
+# long-tailed SFT-like lengths up to 2k tokens (the embedded ~30-token rows would time the host, not the GPU).
+GPU_WORKLOAD: dict[str, Any] = {"model": "llama-3.2-1b-shape", "lora": True, "max_length": 2048, "batch_size": 8,
+                                "dataset": "long-tail"}
+_WORKLOAD_KEYS = {"model", "dataset", "lora", "max_length", "batch_size", "dataset_size", "trl_config"}
+
+
 class ConfigError(PluginError):
     """A bad option; the CLI prints it as one line and exits 2."""
 
@@ -64,6 +71,7 @@ class AblationConfig:
     trl_config: str | None = None            # a `trl sft` YAML (+ plugins/plugin_options): the workload comes from it
     trl_values: dict[str, Any] = field(default_factory=dict)  # that file's keys, as set (recorded in the report)
     config_plugins: list[str] | None = None  # the file's `plugins:` (the arms default to them)
+    workload_given: bool = False             # the user named model/data/shape; else a GPU gets GPU_WORKLOAD
 
     # -- derived values ------------------------------------------------------------------------
     def resolved_lr(self) -> float:
@@ -102,7 +110,7 @@ class AblationConfig:
             raise ConfigError(f"timeout must be positive seconds, got {self.timeout!r}")
         if self.skip_steps is not None and not 0 <= self.skip_steps < self.steps:
             raise ConfigError(f"skip_steps must be in [0, steps), got {self.skip_steps} with steps={self.steps}")
-        if self.dataset is not None and self.trl_config is None:
+        if self.dataset is not None and self.trl_config is None and self.dataset != "long-tail":
             check_dataset(self.dataset)
         from ..embedded import SMOLLM2, smollm2_gguf  # cheap: no torch at import
 
@@ -218,7 +226,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-_TRL_ONLY_FIELDS = {"trl_config", "trl_values", "config_plugins"}
+_TRL_ONLY_FIELDS = {"trl_config", "trl_values", "config_plugins", "workload_given"}
 _OWN_KEYS = set(_FIELDS) - _TRL_ONLY_FIELDS
 # keys that only a TRL SFT config has: one of them makes the file a `trl sft` config
 _TRL_MARKERS = {"model_name_or_path", "dataset_name", "datasets", "learning_rate", "per_device_train_batch_size",
@@ -260,6 +268,7 @@ def make_config(values: Mapping[str, Any] | None = None, **overrides: Any) -> Ab
     unknown = sorted(set(merged) - set(_FIELDS))
     if unknown:
         raise ConfigError(f"unknown option(s) {unknown}; options: {', '.join(sorted(_FIELDS))}")
+    merged.setdefault("workload_given", bool(_WORKLOAD_KEYS & set(merged)))
     config = AblationConfig(**{k: _coerce(k, v) for k, v in merged.items()})
     config.validate()
     return config
@@ -284,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(then model, data and every SFTConfig field come from it; the flags below that set the "
                         "workload are ignored, steps/arms/output/timeout still apply)")
     p.add_argument("--model", default=S, help="preset (tiny, llama-3.2-1b-shape, smollm2-135m, ...), hub id or path")
-    p.add_argument("--dataset", default=S, help="local .json/.jsonl/.parquet, a datasets hub id, or omit for generated")
+    p.add_argument("--dataset", default=S, help="local .json/.jsonl/.parquet, a datasets hub id, 'long-tail' (generated "
+                   "token rows, SFT-like lengths up to --max-length), or omit for generated chat")
     p.add_argument("--dataset-split", default=S, help="split of a hub dataset (default: train)")
     p.add_argument("--dataset-size", type=int, default=S, help="rows of the generated dataset (default steps*batch)")
     p.add_argument("--arms", default=S, help="comma list: baseline, plugin names, a+b combinations")

@@ -210,6 +210,13 @@ def _noisy_note(results: Mapping[str, Any]) -> str:
             "was the machine busy?")
 
 
+def _dataset_words(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("dataset") == "long-tail":
+        return (f"`long-tail` (generated token rows, lognormal lengths, median ~330, up to {cfg['max_length']} "
+                "tokens, full-sequence loss)")
+    return f"`{cfg.get('dataset') or 'generated (sft_plugins.embedded)'}`"
+
+
 def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     cfg, env = results["config"], results["environment"]
     data = rows(results)
@@ -217,7 +224,7 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "# sft-plugins ablation",
         "",
         f"Model `{cfg['model']}` ({'LoRA r=%d' % cfg['lora_r'] if cfg['lora'] else 'full fine-tuning'}), "
-        f"dataset `{cfg['dataset'] or 'generated (sft_plugins.embedded)'}`, trainer `{cfg['trainer']}`, "
+        f"dataset {_dataset_words(cfg)}, trainer `{cfg['trainer']}`, "
         f"{cfg['steps']} steps × batch {cfg['batch_size']}, max length {cfg['max_length']}, "
         f"lr {cfg['lr']:g}, seed {cfg['seed']}.",
         f"Device: {env.get('device_name') or env.get('device')} ({env.get('dtype')}); "

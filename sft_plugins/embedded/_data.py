@@ -67,3 +67,18 @@ def build_dataset(n: int = 512, form: str = "conversational", seed: int = 0, max
     from datasets import Dataset
 
     return Dataset.from_list(records(n, form, seed, max_words))
+
+
+LONG_TAIL = "long-tail"
+
+
+def build_token_dataset(n: int, max_length: int = 2048, vocab_size: int = 512, seed: int = 0):
+    """A pre-tokenized dataset with SFT-like, long-tailed lengths: lognormal (median ~330 tokens, sigma 0.8)
+    clipped to [24, max_length], random ids in [3, vocab_size). For GPU measurements, where ~30-token
+    examples would time the host, not the plugins; every token is a label (full-sequence loss)."""
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(mean=5.8, sigma=0.8, size=n), 24, max_length).astype(int)
+    return Dataset.from_dict({"input_ids": [rng.integers(3, vocab_size, size=k).tolist() for k in lengths]})
