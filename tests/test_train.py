@@ -131,3 +131,20 @@ def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 2 and "HF_HUB_OFFLINE" in run.stderr and "local path" in run.stderr
     assert time.monotonic() - start < 30
+
+
+def test_qlora_example_runs_on_the_embedded_model(tmp_path):
+    """examples/qlora_sft.yaml (4-bit NF4 base, LoRA, adamw_8bit, four plugins) as printed, on the embedded
+    model and a CPU: bitsandbytes quantises it, the plugins compose, the adapter is saved."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "qlora"
+    run = subprocess.run([sys.executable, "-m", "sft_plugins.cli", "train", "--config", "examples/qlora_sft.yaml",
+                          "--model_name_or_path", "tiny", "--dtype", "float32", "--max_steps", "2", "--max_length",
+                          "256", "--gradient_accumulation_steps", "1", "--output_dir", str(out), "--use_cpu", "true"],
+                         capture_output=True, text=True, timeout=600, cwd=repo)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / "sft_plugins.json").read_text())
+    assert record["plugins"] == ["fused_ce", "smart_checkpointing", "padding_free", "adamw_8bit"]
+    assert (out / "adapter_model.safetensors").exists()

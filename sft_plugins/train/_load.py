@@ -62,22 +62,18 @@ def load_tokenizer(model_args: Any, training_args: Any) -> Any:
 def load_model(model_args: Any, training_args: Any, tokenizer: Any) -> Any:
     """The model instance, as ``trl sft`` would build it from the same ModelConfig (dtype, attention,
     4/8-bit quantisation and its device map); the plugins need the instance to patch it."""
+    import tempfile
+
     import torch
-
-    from ..embedded import PRESETS, build_model
-
-    name = model_args.model_name_or_path
-    if name is None or name in PRESETS:
-        dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-        return build_model(name or "tiny", tokenizer=tokenizer, seed=training_args.seed, dtype=dtype,
-                           attn_implementation=model_args.attn_implementation or "sdpa")
     from transformers import AutoModelForCausalLM
     from trl import get_quantization_config
 
+    from ..embedded import PRESETS, build_model
+
+    quantization = get_quantization_config(model_args)
     kwargs: dict[str, Any] = dict(revision=model_args.model_revision, dtype=model_args.dtype,
                                   trust_remote_code=_trust_remote_code(model_args, training_args),
                                   attn_implementation=model_args.attn_implementation)
-    quantization = get_quantization_config(model_args)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         if torch.cuda.is_available():  # a quantised model is placed at load: on this rank's GPU
@@ -85,7 +81,21 @@ def load_model(model_args: Any, training_args: Any, tokenizer: Any) -> Any:
 
             kwargs["device_map"] = {"": PartialState().local_process_index}
     kwargs.update(training_args.model_init_kwargs or {})
-    return AutoModelForCausalLM.from_pretrained(name, **{k: v for k, v in kwargs.items() if v is not None})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    name = model_args.model_name_or_path
+    if name is not None and name not in PRESETS:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    model = build_model(name or "tiny", tokenizer=tokenizer, seed=training_args.seed, dtype=dtype,
+                        attn_implementation=model_args.attn_implementation or "sdpa")
+    if quantization is None:
+        return model
+    # 4/8-bit: bitsandbytes quantises while loading, so the preset goes through a folder like any model
+    with tempfile.TemporaryDirectory(prefix="sft-plugins-preset-") as folder:
+        model.save_pretrained(folder)
+        del model
+        kwargs.pop("revision", None)
+        return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
 
 
 def _load_local(path: pathlib.Path, config: str | None) -> Any:
