@@ -310,7 +310,7 @@ def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, None]]
 
 
 def packed_mask(**kwargs: Any) -> Any:
-    """Mask builder for :data:`IMPL_NAME`: no mask at all for packed or unpadded rows (the attention
+    """Mask builder of our implementations (:func:`impl_name`): no mask at all for packed or unpadded rows (the attention
     takes boundaries from ``cu_seq_lens``/``position_ids``); sdpa's mask for padded batches or caches.
 
     Keyword-only and forwarded untouched, because transformers changed these arguments between
