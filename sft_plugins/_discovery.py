@@ -17,7 +17,7 @@ from typing import Any
 from . import hookspecs
 from ._errors import PluginError
 from ._markers import PROJECT
-from ._options import Option
+from ._options import Option, option_defaults
 
 ENTRY_POINT_GROUP = "sft_plugins"
 OWN_DISTRIBUTION = "sft-plugins"
@@ -105,7 +105,7 @@ def info_for_object(name: str, obj: Any, *, source: str, distribution: str | Non
                           error=f"{value or obj!r} carries no sft_plugins hookimpls")
     try:
         schema = option_schema(obj)
-        desc = describe(obj, {o.name: o.default for o in schema or ()})
+        desc = describe(obj, option_defaults(schema))
     except Exception as exc:  # a broken third-party plugin must not break the others
         return PluginInfo(name, source, distribution, version, value, hooks, error=f"{type(exc).__name__}: {exc}")
     return PluginInfo(name, source, distribution, version, value, hooks, summary=str(desc.get("summary", "")),

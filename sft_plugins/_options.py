@@ -71,6 +71,11 @@ class Option:
         return {"name": self.name, "type": self.kind(), "default": self.default, "doc": self.doc}
 
 
+def option_defaults(schema: Sequence[Option] | None) -> dict[str, Any]:
+    """``{name: default}`` of a schema (empty for None)."""
+    return {o.name: o.default for o in schema or ()}
+
+
 def validate_options(plugin: str, schema: Sequence[Option] | None, given: Mapping[str, Any]) -> dict[str, Any]:
     """The plugin's options with defaults filled in; raises :class:`PluginError` listing every problem."""
     if schema is None:
@@ -87,4 +92,4 @@ def validate_options(plugin: str, schema: Sequence[Option] | None, given: Mappin
             errors.append(msg)
     if errors:
         raise PluginError(f"bad options for {plugin}:\n  " + "\n  ".join(errors))
-    return {**{o.name: o.default for o in schema}, **given}
+    return {**option_defaults(schema), **given}

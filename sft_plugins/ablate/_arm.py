@@ -280,20 +280,14 @@ def trl_config_kwargs(spec: dict[str, Any], out_dir: pathlib.Path) -> dict[str, 
     ``output_dir`` and ``run_name`` (so ``report_to`` shows one curve per arm)."""
     import dataclasses
 
-    from trl import get_peft_config
-
-    from sft_plugins.train import load_datasets, load_model, load_tokenizer
+    from sft_plugins.train import trainer_inputs
     from sft_plugins.train._config import parse
 
     script_args, args, model_args, dataset_args, _ = parse(["--config", spec["trl_config"]])
     args = dataclasses.replace(args, max_steps=spec["steps"], save_strategy="no", logging_steps=1,
                                output_dir=str(out_dir), run_name=spec["arm"], disable_tqdm=True,
                                eval_strategy="no", push_to_hub=False)
-    tok = load_tokenizer(model_args, args)
-    model = load_model(model_args, args, tok)
-    dataset, _ = load_datasets(script_args, dataset_args, args)
-    return dict(model=model, args=args, train_dataset=dataset, processing_class=tok,
-                peft_config=get_peft_config(model_args))
+    return trainer_inputs(script_args, args, model_args, dataset_args)
 
 
 def _inputs(spec: dict[str, Any], device: str, dtype: Any, bf16: bool, out_dir: pathlib.Path) -> dict[str, Any]:

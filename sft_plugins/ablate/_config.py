@@ -198,21 +198,15 @@ def _coerce(name: str, value: Any) -> Any:
 
 def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The keys of a YAML config file (dashes or underscores), validated against AblationConfig."""
-    import yaml
+    from ..train._config import TrainConfigError, read_config_file
 
     p = pathlib.Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:  # JSON is YAML: one message, with the line and column, for both
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        kind = "JSON" if p.suffix == ".json" else "YAML"
-        raise ConfigError(f"config file {str(path)!r} is not valid {kind}{where}: {problem}") from None
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"config file {str(path)!r} must hold a mapping of options")
+        data = read_config_file(p)
+    except TrainConfigError as exc:
+        raise ConfigError(str(exc)) from None
     if is_trl_config(data):
         return trl_config_values(p, data)
     out = {}

@@ -19,9 +19,10 @@ from typing import Any
 
 from .._errors import PluginError
 from ._config import PluginArguments, TrainConfigError, parse
-from ._load import load_datasets, load_model, load_tokenizer
+from ._load import load_datasets, load_model, load_tokenizer, trainer_inputs
 
-__all__ = ["PluginArguments", "TrainConfigError", "main", "train"]
+__all__ = ["PluginArguments", "TrainConfigError", "load_datasets", "load_model", "load_tokenizer", "main", "train",
+           "trainer_inputs"]
 
 EXIT_OK, EXIT_BAD_CONFIG = 0, 2
 
@@ -35,7 +36,7 @@ def _resume_target(value: Any) -> Any:
 def train(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any,
           plugin_args: PluginArguments) -> Any:
     """Compose the plugins into an unmodified SFTTrainer, train, save; returns the trainer."""
-    from trl import SFTTrainer, get_peft_config
+    from trl import SFTTrainer
 
     import sft_plugins
 
@@ -46,12 +47,9 @@ def train(script_args: Any, training_args: Any, model_args: Any, dataset_args: A
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainConfigError(f"output_dir {out}: cannot create it ({exc.strerror or exc})") from None
-    tokenizer = load_tokenizer(model_args, training_args)
-    model = load_model(model_args, training_args, tokenizer)
-    train_data, eval_data = load_datasets(script_args, dataset_args, training_args)
+    inputs = trainer_inputs(script_args, training_args, model_args, dataset_args)
     with stack:
-        kwargs = stack.prepare(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
-                               processing_class=tokenizer, peft_config=get_peft_config(model_args))
+        kwargs = stack.prepare(**inputs)
         trainer = SFTTrainer(**kwargs)
         trainer.train(resume_from_checkpoint=_resume_target(training_args.resume_from_checkpoint))
         trainer.save_model(training_args.output_dir)

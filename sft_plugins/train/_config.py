@@ -55,8 +55,9 @@ def dataclass_types() -> tuple[type, ...]:
     return (ScriptArguments, SFTConfig, ModelConfig, DatasetMixtureConfig, PluginArguments)
 
 
-def _load_file(path: pathlib.Path) -> dict[str, Any]:
-    """The config file as a mapping; YAML (and so JSON) errors name the line and column."""
+def read_config_file(path: pathlib.Path) -> dict[str, Any]:
+    """A YAML or JSON config file as a mapping; a malformed one is a one-line error with its line and column
+    (``sft-plugins train`` and ``ablate`` read their files through here)."""
     import yaml
 
     try:
@@ -128,7 +129,7 @@ def parse(argv: Sequence[str]) -> tuple[Any, Any, Any, Any, PluginArguments]:
     # to what this machine has (a file or flag that sets it still wins)
     parser.set_defaults_with_config(bf16=_bf16_supported())
     if config_path is not None:
-        config = _load_file(config_path)
+        config = read_config_file(config_path)
         _check_keys(config, str(config_path))
         env = config.pop("env", None) or {}
         if not isinstance(env, dict):

@@ -19,9 +19,14 @@ def _is_local(name: str) -> bool:
     return pathlib.Path(name).expanduser().exists()
 
 
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: only local paths and the Hugging Face cache are used."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def require_hub(what: str, name: str) -> None:
     """Fail in seconds, not after a minute of retries, when ``name`` must come from the Hub and cannot."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         raise TrainConfigError(f"{what} {name!r} is not a local path and HF_HUB_OFFLINE is set: give a local path "
                                "(a folder saved with save_pretrained, or a data file)")
     host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
@@ -44,7 +49,7 @@ def load_tokenizer(model_args: Any, training_args: Any) -> Any:
     name = model_args.model_name_or_path
     if name is None or name in PRESETS:
         return build_tokenizer()
-    if not _is_local(name) and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", ""):
+    if not _is_local(name) and not hub_offline():
         require_hub("model", name)
     from transformers import AutoTokenizer
 
@@ -144,3 +149,15 @@ def load_datasets(script_args: Any, dataset_args: Any, training_args: Any) -> tu
                                    f"{script_args.dataset_test_split!r}, which the dataset lacks ({sorted(data)})")
         eval_data = data[script_args.dataset_test_split]
     return data[split], eval_data
+
+
+def trainer_inputs(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any) -> dict[str, Any]:
+    """The ``SFTTrainer`` keyword arguments a `trl sft` config describes, before any plugin sees them: the
+    model instance, its tokenizer, the train (and eval) split and the LoRA config."""
+    from trl import get_peft_config
+
+    tokenizer = load_tokenizer(model_args, training_args)
+    model = load_model(model_args, training_args, tokenizer)
+    train_data, eval_data = load_datasets(script_args, dataset_args, training_args)
+    return dict(model=model, args=training_args, train_dataset=train_data, eval_dataset=eval_data,
+                processing_class=tokenizer, peft_config=get_peft_config(model_args))

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from ..._markers import hookimpl
 from ..._options import Option
 from ..shared import make_packed_collator, neftune_errors, packed_model_errors, patch_use_cache, wants_cuda
-from .rows import row_length
+from .rows import row_length, user_loss_args
 
 OPTIONS = [
     Option("max_length", None, "tokens per packed row (None: args.max_length)", type=int, minimum=2, nullable=True),
@@ -72,7 +72,7 @@ def sft_update_args(args: Any, state: SimpleNamespace) -> dict[str, Any] | None:
     # The user's loss masks are applied while packing (into the labels); the trainer's copy of the args
     # must not ask for them again: SFTTrainer checks assistant_only_loss against the dataset's first
     # example, which is a packed row, not a conversation.
-    state.loss_args = {k: getattr(args, k) for k in ("assistant_only_loss", "completion_only_loss") if hasattr(args, k)}
+    state.loss_args = user_loss_args(args)
     overrides: dict[str, Any] = {"remove_unused_columns": False}
     if getattr(args, "assistant_only_loss", False):
         overrides["assistant_only_loss"] = False

@@ -20,6 +20,11 @@ def row_length(args: Any, options: dict[str, Any]) -> int | None:
     return int(value) if value is not None else None
 
 
+def user_loss_args(args: Any) -> dict[str, Any]:
+    """The loss-mask fields of ``args`` (``assistant_only_loss``, ``completion_only_loss``) it has."""
+    return {k: getattr(args, k) for k in ("assistant_only_loss", "completion_only_loss") if hasattr(args, k)}
+
+
 def _tokenize_like_sft_trainer(dataset: Any, processing_class: Any, args: Any, formatting_func: Any,
                                loss_args: dict[str, Any]) -> Any:
     """Run SFTTrainer's own dataset preparation (formatting_func, conversion, EOS, chat template,
@@ -238,11 +243,11 @@ def pack_dataset(dataset: Any, processing_class: Any, args: Any, options: dict[s
     ``formatting_func`` is SFTTrainer's; ``loss_args`` the user's ``assistant_only_loss`` /
     ``completion_only_loss`` when the args given here are the trainer's copy (default: read from ``args``).
     Options not given take the schema's defaults."""
+    from ..._options import option_defaults
     from . import OPTIONS
 
-    options = {**{o.name: o.default for o in OPTIONS}, **options}
-    loss_args = dict(loss_args if loss_args is not None else
-                     {k: getattr(args, k) for k in ("assistant_only_loss", "completion_only_loss") if hasattr(args, k)})
+    options = {**option_defaults(OPTIONS), **options}
+    loss_args = dict(loss_args if loss_args is not None else user_loss_args(args))
     if dataset.__class__.__name__.startswith("Iterable") or not hasattr(dataset, "__len__"):
         raise PluginError("packing needs a map-style dataset (datasets.Dataset or a list of examples); an "
                           "IterableDataset cannot be packed ahead of training: materialise it first")

@@ -216,19 +216,17 @@ def _run_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tenso
 def _sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None,
                         window: int | None, softcap: float | None) -> torch.Tensor:
     """Causal attention of one sequence, ``[H, L, D]``; eager math where sdpa cannot express the softcap."""
-    if softcap is None:
-        mask = None
-        if window is not None:
-            pos = torch.arange(q.shape[1], device=q.device)
-            mask = (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < window)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scaling)
-    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = softcap * torch.tanh(scores / softcap)  # as Gemma-2's eager attention
+    if softcap is None and window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
     pos = torch.arange(q.shape[1], device=q.device)
     keep = pos[:, None] >= pos[None, :]
     if window is not None:
-        keep &= pos[:, None] - pos[None, :] < window
+        keep &= pos[:, None] - pos[None, :] < window  # transformers' sliding window: i - window < j <= i
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scaling)
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)  # as Gemma-2's eager attention
     scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
     return torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
 
@@ -310,8 +308,9 @@ def attention_function(backend: str) -> Callable[..., tuple[torch.Tensor, None]]
 
 
 def packed_mask(**kwargs: Any) -> Any:
-    """Mask builder of our implementations (:func:`impl_name`): no mask at all for packed or unpadded rows (the attention
-    takes boundaries from ``cu_seq_lens``/``position_ids``); sdpa's mask for padded batches or caches.
+    """Mask builder of our implementations (:func:`impl_name`): no mask at all for packed or unpadded rows
+    (the attention takes boundaries from ``cu_seq_lens``/``position_ids``); sdpa's mask for padded batches or
+    caches.
 
     Keyword-only and forwarded untouched, because transformers changed these arguments between
     releases (5.2x: ``q_length``/``q_offset``; earlier: ``cache_position``)."""
