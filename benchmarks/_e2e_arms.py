@@ -356,17 +356,20 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
     w, cuda = spec["workload"], spec["device"] == "cuda"
     _cap_memory(spec)
     tok = tokenizer(w["vocab"])
-    with torch.device("cuda") if cuda else contextlib.nullcontext():  # 1 s on the GPU instead of ~20 s on the CPU
-        model = build_model(w["preset"], tokenizer=tok, dtype=torch.bfloat16 if cuda else torch.float32,
-                            max_position_embeddings=w["max_pos"])
-    if cuda:
-        model = model.to("cuda")  # a no-op when the device context already placed it there
+    if w.get("quant"):
+        model = load_4bit(spec["model_dir"], cuda)
+    else:
+        with torch.device("cuda") if cuda else contextlib.nullcontext():  # 1 s on the GPU, not ~20 s on the CPU
+            model = build_model(w["preset"], tokenizer=tok, dtype=torch.bfloat16 if cuda else torch.float32,
+                                max_position_embeddings=w["max_pos"])
+        if cuda:
+            model = model.to("cuda")  # a no-op when the device context already placed it there
     ds = dataset(w["n"], w["maxlen"], w["vocab"], fixed_len=w.get("fixed_len"))
     args = SFTConfig(output_dir=f"/tmp/e2e_{spec['arm']}", per_device_train_batch_size=w["batch"],
                      max_steps=spec["steps"] + (spec["profile_steps"] if spec.get("profile") else 0),
                      learning_rate=spec["lr"], logging_steps=1, report_to="none", bf16=cuda, use_cpu=not cuda,
                      save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
-                     **{"max_length": w["maxlen"], **spec["trl"]})
+                     **{"max_length": w["maxlen"], **qlora_optim(spec), **spec["trl"]})
     kwargs: dict[str, Any] = dict(model=model, args=args, train_dataset=ds, processing_class=tok)
     if spec["lora"]:
         kwargs["peft_config"] = LoraConfig(r=LORA_R, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
@@ -403,6 +406,24 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
         stack.undo()
 
 
+def load_4bit(model_dir: str, cuda: bool) -> Any:
+    """The saved model as a QLoRA user loads it: NF4 with double quantisation, bf16 compute (fp32 on the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, dtype=dtype,
+                                                device_map={"": 0} if cuda else None, local_files_only=True)
+
+
+def qlora_optim(spec: dict[str, Any]) -> dict[str, Any]:
+    """The QLoRA recipe's optimizer (``optim="adamw_8bit"``) for arms that do not compose our adamw_8bit."""
+    return {"optim": "adamw_8bit"} if spec["workload"].get("quant") and "adamw_8bit" not in spec.get("ours", ()) \
+        else {}
+
+
 def save_model(spec: dict[str, Any], result: dict[str, Any]) -> None:
     """The same random-initialised model as the TRL arms (same preset, seed, device and dtype), for Unsloth."""
     import torch
@@ -428,8 +449,8 @@ def run_unsloth(spec: dict[str, Any], result: dict[str, Any]) -> None:
     w = spec["workload"]
     _cap_memory(spec)
     model, tok = FastLanguageModel.from_pretrained(
-        model_name=spec["model_dir"], max_seq_length=w["maxlen"], dtype=torch.bfloat16, load_in_4bit=False,
-        local_files_only=True)
+        model_name=spec["model_dir"], max_seq_length=w["maxlen"], dtype=torch.bfloat16,
+        load_in_4bit=bool(w.get("quant")), local_files_only=True)
     model = FastLanguageModel.get_peft_model(
         model, r=LORA_R, lora_alpha=16, lora_dropout=0, bias="none", target_modules=LORA_TARGETS,
         use_gradient_checkpointing="unsloth", random_state=0)
@@ -438,8 +459,8 @@ def run_unsloth(spec: dict[str, Any], result: dict[str, Any]) -> None:
     args = SFTConfig(output_dir=f"/tmp/e2e_{spec['arm']}", per_device_train_batch_size=w["batch"],
                      max_steps=spec["steps"] + (spec["profile_steps"] if spec.get("profile") else 0),
                      learning_rate=spec["lr"], logging_steps=1, report_to="none", bf16=True, max_length=w["maxlen"],
-                     save_strategy="no", dataloader_num_workers=0, seed=0, optim="adamw_torch", disable_tqdm=True,
-                     **spec["trl"])
+                     save_strategy="no", dataloader_num_workers=0, seed=0, disable_tqdm=True,
+                     **{"optim": "adamw_torch", **qlora_optim(spec), **spec["trl"]})
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args, callbacks=[meter])
     meter.pad_id = getattr(trainer.processing_class, "pad_token_id", None) or tok.pad_token_id
     _train(trainer, meter, spec, flops_model(model.config, True), result)

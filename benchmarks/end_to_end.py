@@ -5,6 +5,9 @@ The reference workload the peers were compared on: a random-initialised Llama-3.
 pre-tokenised examples with lognormal(5.8, 0.8) lengths clipped to [24, 2048] (mean ~442), seed 0, lr
 2e-4, TRL defaults otherwise (its fused LM head, gradient checkpointing, adamw_torch_fused). Every arm runs in its own
 subprocess (patches are process-global); Unsloth arms with Unsloth's own PYTHONPATH.
+``--quant 4bit`` makes it the QLoRA workload: the model is saved once and every arm loads it NF4 + double
+quant (bf16 compute; Unsloth: ``load_in_4bit=True``) with ``optim="adamw_8bit"`` (ours: our adamw_8bit
+where composed); ``--preset llama-3-8b-shape`` (with its own ``--model-dir``) the 8B shape.
 
 Arms (``--arms``, comma list, or ``set1`` / ``set2`` / ``all``):
   peers, 2k LoRA  trl_default, trl_padding_free (max_length=None), trl_packing_bfd, trl_liger_packing
@@ -38,6 +41,7 @@ the timed window) and records where the device time goes. The JSON is rewritten 
     python benchmarks/end_to_end.py --merge e2e_1.json e2e_2.json --out benchmarks/results/end_to_end_h200.json \\
         --plot docs/end_to_end_h200.png
     python benchmarks/end_to_end.py --smoke --out /tmp/e2e_smoke.json        # CPU check of the script itself
+    python benchmarks/end_to_end.py --quant 4bit --arms trl_default,unsloth_packing,ours_all --out qlora.json
 """
 
 from __future__ import annotations
@@ -112,13 +116,16 @@ PARITY = {"ours_fused_ce": 1e-3, "ours_smart_checkpointing": 1e-5, "ours_padding
           "ours_adamw_8bit": None}
 
 
-def workload(kind: str, smoke: bool, long_tokens: int, steps: int) -> dict[str, Any]:
+def workload(kind: str, smoke: bool, long_tokens: int, steps: int, preset: str | None = None,
+             quant: str | None = None) -> dict[str, Any]:
     if smoke:
         base = {"preset": "tiny", "vocab": 512, "n": 200, "maxlen": 256, "batch": 4, "max_pos": 4096}
         long_tokens = min(long_tokens, 512)
     else:
-        base = {"preset": "llama-3.2-1b-shape", "vocab": 128256, "n": 4000, "maxlen": 2048, "batch": 8,
+        base = {"preset": preset or "llama-3.2-1b-shape", "vocab": 128256, "n": 4000, "maxlen": 2048, "batch": 8,
                 "max_pos": 8192}
+    if quant:  # QLoRA: the saved model loaded NF4 + double quant, bf16 compute; optim adamw_8bit (the recipe)
+        base["quant"] = quant
     if kind == "long":  # one sample of long_tokens - 1 ids per step (+ nothing: TRL adds no EOS to input_ids data)
         base.update(n=steps + 8, maxlen=long_tokens, batch=1, fixed_len=long_tokens - 1,
                     max_pos=max(base["max_pos"], 2 * long_tokens))
@@ -217,8 +224,10 @@ def summarise(out: dict[str, Any]) -> None:
 
 
 def _wl(out: dict[str, Any], r: dict[str, Any]) -> str:
-    n = ((out.get("settings") or {}).get(r.get("workload")) or {}).get("maxlen", 0)
-    return (f"{n // 1024}k" if n >= 1024 else str(n)) + (" LoRA" if r.get("lora") else " full FT")
+    wl = (out.get("settings") or {}).get(r.get("workload")) or {}
+    n = wl.get("maxlen", 0)
+    lora = (" QLoRA" if wl.get("quant") else " LoRA") if r.get("lora") else " full FT"
+    return (f"{n // 1024}k" if n >= 1024 else str(n)) + lora
 
 
 def table(out: dict[str, Any]) -> str:
@@ -341,6 +350,10 @@ def main() -> None:
     ap.add_argument("--unsloth-site", default="/tmp/site-unsloth", help="where Unsloth's pinned wheels get installed")
     ap.add_argument("--unsloth-wheels", default=f"{ROOT}/.gpu/unsloth/wheels")
     ap.add_argument("--model-dir", default="/tmp/e2e-rand-llama-1b", help="the model saved for Unsloth")
+    ap.add_argument("--preset", default=None, help="model shape (default llama-3.2-1b-shape; e.g. llama-3-8b-shape)")
+    ap.add_argument("--quant", default=None, choices=("4bit",),
+                    help="QLoRA: every arm loads the saved model 4-bit (NF4, double quant, bf16 compute) and "
+                    "trains LoRA with optim adamw_8bit (ours: the adamw_8bit plugin where composed)")
     ap.add_argument("--merge", nargs="+", default=None, help="merge these results JSONs into --out")
     ap.add_argument("--plot", default=None, help="bar plot (tokens/s, peak memory) to this PNG")
     ap.add_argument("--plot-only", default=None, help="plot this results JSON (with --plot) and exit")
@@ -380,8 +393,8 @@ def main() -> None:
                settings={"steps": steps, "timed_from_step": warmup + 1, "long_tokens": a.long_tokens,
                          "long_mem_cap_gib": a.long_mem_cap_gib, "peak_flops": 790e12, "lora": "r16 alpha16 all-linear",
                          "lr_lora": 2e-4, "lr_full_ft": FULL_FT_LR, "attn": "sdpa (ours: padding_free's choice)",
-                         "short": workload("short", a.smoke, a.long_tokens, steps),
-                         "long": workload("long", a.smoke, a.long_tokens, steps)})
+                         "short": workload("short", a.smoke, a.long_tokens, steps, a.preset, a.quant),
+                         "long": workload("long", a.smoke, a.long_tokens, steps, a.preset, a.quant)})
     profile = set(filter(None, a.profile.split(",")))
     model_saved = False
     for n in names:
@@ -399,8 +412,8 @@ def main() -> None:
             reason = liger_ready()
         elif arm["needs"] == "unsloth":
             reason = "Unsloth needs CUDA" if device != "cuda" else unsloth_ready(a, t0 + hard)
-        if reason is None and arm["kind"] == "unsloth" and not model_saved:
-            wl = workload("short", a.smoke, a.long_tokens, steps)
+        if reason is None and (arm["kind"] == "unsloth" or a.quant) and not model_saved:
+            wl = workload("short", a.smoke, a.long_tokens, steps, a.preset)  # the saved model is bf16 either way
             marker = Path(a.model_dir) / "e2e_workload.json"  # the folder holds this workload's model, not another
             if not (Path(a.model_dir) / "config.json").exists() or not marker.exists() \
                     or json.loads(marker.read_text()) != wl:
@@ -419,7 +432,7 @@ def main() -> None:
             spec = {"kind": arm["kind"], "arm": n, "device": device, "trl": arm["trl"], "ours": arm["ours"],
                     "options": arm["options"], "lora": arm["lora"], "lr": 2e-4 if arm["lora"] else FULL_FT_LR, "steps": steps, "warmup": warmup,
                     "attention": a.attention or ("loop" if a.smoke else "auto"), "model_dir": a.model_dir,
-                    "workload": workload(arm["workload"], a.smoke, a.long_tokens, steps),
+                    "workload": workload(arm["workload"], a.smoke, a.long_tokens, steps, a.preset, a.quant),
                     "mem_cap_gib": a.long_mem_cap_gib if arm["workload"] == "long" else None,
                     "profile": n in profile, "profile_steps": 3, "profile_dir": a.profile_dir,
                     "profile_trace": a.profile_trace,

@@ -38,6 +38,7 @@ class PluginInfo:
     hooks: tuple[str, ...] = ()
     summary: str = ""
     loss_parity: float | None = None
+    quantized: str = ""  # what it does on a bitsandbytes 4-/8-bit (QLoRA) base
     options: tuple[Option, ...] | None = None  # the plugin's option schema (None: it declares none)
     error: str | None = None
     obj: Any = field(default=None, repr=False, compare=False)
@@ -56,6 +57,7 @@ class PluginInfo:
             "hooks": list(self.hooks),
             "summary": self.summary,
             "loss_parity": self.loss_parity,
+            "quantized": self.quantized,
             "options": None if self.options is None else [o.as_dict() for o in self.options],
             "error": self.error,
         }
@@ -109,7 +111,8 @@ def info_for_object(name: str, obj: Any, *, source: str, distribution: str | Non
     except Exception as exc:  # a broken third-party plugin must not break the others
         return PluginInfo(name, source, distribution, version, value, hooks, error=f"{type(exc).__name__}: {exc}")
     return PluginInfo(name, source, distribution, version, value, hooks, summary=str(desc.get("summary", "")),
-                      loss_parity=desc.get("loss_parity"), options=schema, obj=obj)
+                      loss_parity=desc.get("loss_parity"), quantized=str(desc.get("quantized", "")),
+                      options=schema, obj=obj)
 
 
 def _info_for_entry_point(ep: metadata.EntryPoint) -> PluginInfo:

@@ -49,6 +49,8 @@ def _info(name: str, as_json: bool) -> int:
     console.print(info.summary)
     parity = "none promised" if info.loss_parity is None else f"relative per-step loss ≤ {info.loss_parity:g}"
     console.print(f"hooks: {', '.join(info.hooks)}\nloss parity: {parity}")
+    if info.quantized:
+        console.print(f"on a 4-/8-bit (QLoRA) base: {info.quantized}")
     if info.options is None:
         console.print("options: not declared (passed to the plugin unchecked)")
     else:
@@ -75,6 +77,11 @@ def _list(as_json: bool, with_options: bool) -> int:
         table.add_row(name, origin, hooks, parity, status)
     console = Console()
     console.print(table)
+    quantized = [(name, info.quantized) for name, info in plugins.items() if info.quantized]
+    if quantized:
+        console.print("On a bitsandbytes 4-/8-bit (QLoRA) base:")
+        for name, text in quantized:
+            console.print(f"  [bold]{name}[/bold]: {text}")
     if with_options:
         for info in plugins.values():
             if info.options:

@@ -72,6 +72,7 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
         # 8-bit moments change the updates, so per-step losses drift from fp32 AdamW by design;
         # parity is measured as convergence (tests: final loss within 2% after 200 steps).
         "loss_parity": None,
+        "quantized": "steps only what trains (LoRA adapters); the frozen 4-/8-bit base has no optimizer state",
     }
 
 

@@ -80,6 +80,8 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
         "summary": "training loss through a fused linear + cross-entropy kernel (no N x V logits), "
                    "in SFTTrainer (taking over TRL's fused head, keeping its metrics) and Trainer",
         "loss_parity": 1e-3,
+        "quantized": "as on bf16 (transformers keeps the head unquantised); a frozen 4-bit head is dequantised "
+                     "by bitsandbytes per step; an 8-bit head is refused",
     }
 
 

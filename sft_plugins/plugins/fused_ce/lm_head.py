@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..shared import unsharded_class
+from ..shared import dequantized_weight, quantization_of, unsharded_class
 
 # model_type -> the CausalLM forward computes ``logits = lm_head(hidden)`` followed only by the
 # transforms read from the config (scale, softcap) and ``loss_function``. Checked against the
@@ -136,9 +136,18 @@ def resolve_head(head: Any, *, lora: str) -> Projector:
         raise UnsupportedHead(f"the lm_head is wrapped by PEFT's {kind.__name__}, which fused_ce cannot fuse "
                               "(it would be silently untrained): keep the lm_head out of the PEFT config "
                               "(target_modules / trainable_token_indices) or drop fused_ce")
+    if quantization_of(head) == "4bit" and not head.weight.requires_grad:
+        # A frozen bitsandbytes 4-bit head (transformers keeps the head unquantised unless told otherwise):
+        # the dense weight its own matmul_4bit would multiply by, dequantised per call by bitsandbytes
+        def project_4bit(h: Any) -> tuple[Any, Any, Any]:
+            return h, dequantized_weight(head, getattr(head, "compute_dtype", None) or h.dtype), head.bias
+
+        return project_4bit
     if kind is not torch.nn.Linear:
-        raise UnsupportedHead(f"the lm_head is a {kind.__module__}.{kind.__name__}, not a plain nn.Linear "
-                              "(quantised or custom heads are not fused): drop fused_ce for this model")
+        raise UnsupportedHead(f"the lm_head is a {kind.__module__}.{kind.__name__}, not a plain nn.Linear or a "
+                              "frozen bitsandbytes 4-bit Linear4bit (8-bit LLM.int8() and custom heads are not "
+                              "fused): keep the lm_head unquantised (transformers' default; "
+                              "BitsAndBytesConfig(llm_int8_skip_modules=['lm_head'])) or drop fused_ce")
 
     def project(h: Any) -> tuple[Any, Any, Any]:
         return h, head.weight, head.bias

@@ -46,7 +46,8 @@ def sft_options() -> list[Option]:
 def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
     return {"summary": "best-fit-decreasing packing into rows of max_length (>= 99.5% fill), sequence "
                        "boundaries kept, over-long examples split or truncated and reported",
-            "loss_parity": None}
+            "loss_parity": None,
+            "quantized": "unchanged: it changes only the data"}
 
 
 @hookimpl

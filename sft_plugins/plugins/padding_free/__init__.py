@@ -85,7 +85,8 @@ def sft_options() -> list[Option]:
 def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
     return {"summary": "one padding-free row per batch (position_ids restart, cu_seq_lens, no attention "
                        "mask), attention kept inside each sequence: varlen/FlexAttention on GPU",
-            "loss_parity": 1e-3}
+            "loss_parity": 1e-3,
+            "quantized": "unchanged: attention holds no quantised weights"}
 
 
 @hookimpl

@@ -1,6 +1,7 @@
 """What the built-in plugins share, and the only module one plugin may import from another's side:
 the padding-free collator and label building (``padding_free`` and ``packing``), packed-row model checks,
-and FSDP2 detection (``fused_ce``, ``smart_checkpointing``, ``adamw_8bit``).
+FSDP2 detection (``fused_ce``, ``smart_checkpointing``, ``adamw_8bit``), and bitsandbytes-quantised layers
+(``fused_ce``'s head, ``smart_checkpointing``'s lean MLP).
 
 No torch import at module level: plugins import this from their hookimpl modules.
 """
@@ -15,12 +16,14 @@ from .model import (
     patch_use_cache,
     wants_cuda,
 )
+from .quant import dequantized_weight, quantization_of, quantized_layers
 
 __all__ = [
     "FLASH_IMPLS",
     "PACKED_IMPL_PREFIX",
     "PackedCollator",
     "build_labels",
+    "dequantized_weight",
     "fsdp_requested",
     "is_dtensor",
     "is_fsdp_module",
@@ -28,6 +31,8 @@ __all__ = [
     "neftune_errors",
     "packed_model_errors",
     "patch_use_cache",
+    "quantization_of",
+    "quantized_layers",
     "unsharded_class",
     "wants_cuda",
 ]

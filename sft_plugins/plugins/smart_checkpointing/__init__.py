@@ -115,9 +115,9 @@ def _model_errors(model: Any, options: dict[str, Any]) -> list[str]:
         from .lean_mlp import _plan
 
         if not any((mlp := mlp_of(layer)) is not None and _plan(mlp) is not None for layer in layers):
-            return ["option lean_mlp needs SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU; plain or vanilla-LoRA "
-                    f"projections without dropout); {type(getattr(layers[0], 'mlp', None)).__name__} is not one: "
-                    "set lean_mlp=False"]
+            return ["option lean_mlp needs SwiGLU MLPs (gate_proj, up_proj, down_proj, SiLU; plain, frozen 4-bit "
+                    "or vanilla-LoRA projections without dropout; not 8-bit LLM.int8()); "
+                    f"{type(getattr(layers[0], 'mlp', None)).__name__} is not one: set lean_mlp=False"]
     if opts["lean_norm"] is True:
         from .lean_norm import layer_norms
 
@@ -143,6 +143,8 @@ def sft_describe(options: dict[str, Any]) -> dict[str, Any]:
         "summary": "checkpoint every decoder layer and keep its input in pinned host memory (async copies, "
                    "prefetched in backward), within a host-memory budget",
         "loss_parity": 1e-5,  # the same math with the same RNG and autocast state (fp32: equal to rounding)
+        "quantized": "as on bf16; lean_mlp dequantises 4-bit projections with bitsandbytes' kernel; 8-bit "
+                     "(LLM.int8()) MLPs recompute through bitsandbytes itself",
     }
 
 

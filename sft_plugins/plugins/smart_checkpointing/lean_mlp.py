@@ -1,7 +1,9 @@
 """A memory-lean SwiGLU MLP for the layer recompute (``smart_checkpointing`` option ``lean_mlp``).
 
-``down(silu(gate(x)) * up(x))`` with each projection a plain ``nn.Linear`` or a PEFT LoRA ``Linear``
-(vanilla LoRA: no DoRA or other variant, no dropout, no LoRA bias). Eager autograd keeps four
+``down(silu(gate(x)) * up(x))`` with each projection a plain ``nn.Linear``, a frozen bitsandbytes 4-bit
+``Linear4bit`` (QLoRA: dequantised per use with bitsandbytes' own kernel, as its ``matmul_4bit`` does for
+training-sized inputs), or a PEFT LoRA ``Linear`` around either (vanilla LoRA: no DoRA or other variant, no
+dropout, no LoRA bias). 8-bit ``Linear8bitLt`` projections are not fused (see ``plugins.shared.quant``). Eager autograd keeps four
 [tokens, intermediate] tensors for the backward (gate, up, silu(gate), their product) and allocates
 three more in it (the gradients of the product, of silu(gate), of up), plus PEFT's ``base + B(A(x))·s``
 temporaries in the forward. Here the forward keeps only gate and up (LoRA sums accumulated into the base
@@ -25,14 +27,17 @@ from typing import Any
 import torch
 
 from ...kernels import swiglu_backward_, swiglu_forward
+from ..shared import dequantized_weight, quantization_of
 
 
 @dataclass
 class _Proj:
-    """One projection as indices into the tensor list handed to the autograd function."""
+    """One projection as indices into the tensor list handed to the autograd function; a 4-bit base
+    layer is held as the module itself (its packed weight is no tensor autograd could use)."""
 
-    weight: int
+    weight: int | None
     bias: int | None = None
+    quantized: Any = None
     loras: list[tuple[int, int, float]] = field(default_factory=list)  # (A index, B index, scaling)
 
 
@@ -42,9 +47,15 @@ def _is_silu(act: Any) -> bool:
 
 def _projection(module: Any, tensors: list[torch.Tensor]) -> _Proj | None:
     """Appends the projection's tensors to ``tensors``; None when it is not one we can fuse exactly."""
-    if type(module) is torch.nn.Linear:
-        proj = _Proj(len(tensors))
-        tensors.append(module.weight)
+    quantization = quantization_of(module)
+    if type(module) is torch.nn.Linear or quantization == "4bit":
+        if quantization == "4bit":
+            if module.weight.requires_grad:
+                return None
+            proj = _Proj(None, quantized=module)
+        else:
+            proj = _Proj(len(tensors))
+            tensors.append(module.weight)
         if module.bias is not None:
             proj.bias = len(tensors)
             tensors.append(module.bias)
@@ -91,17 +102,25 @@ def _row_chunks(n: int) -> list[slice]:
     return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
 
+def _weight(proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype) -> torch.Tensor:
+    """The base weight in the compute dtype (a 4-bit one dequantised: one transient dense copy)."""
+    if proj.quantized is not None:
+        return dequantized_weight(proj.quantized, cd)
+    return ts[proj.weight].to(cd)
+
+
 def _linear(inp: torch.Tensor, proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype,
-            out: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+            out: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
     """``inp @ W.T (+ b) + sum_k s_k (inp @ A_k.T) @ B_k.T`` with the LoRA terms added in place (into
-    ``out`` when given: a contiguous [rows, out_features] view)."""
+    ``out`` when given: a contiguous [rows, out_features] view); ``weight``: W in ``cd`` when already made."""
     bias = None if proj.bias is None else ts[proj.bias].to(cd)
+    w = _weight(proj, ts, cd) if weight is None else weight
     if out is None:
-        out = torch.nn.functional.linear(inp, ts[proj.weight].to(cd), bias)
+        out = torch.nn.functional.linear(inp, w, bias)
     elif bias is None:
-        torch.mm(inp, ts[proj.weight].to(cd).t(), out=out)
+        torch.mm(inp, w.t(), out=out)
     else:
-        torch.addmm(bias, inp, ts[proj.weight].to(cd).t(), out=out)
+        torch.addmm(bias, inp, w.t(), out=out)
     xas = []
     for ia, ib, s in proj.loras:
         xa = inp @ ts[ia].to(cd).t()
@@ -126,16 +145,16 @@ def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: Sequence[t
     def put(i: int, value: torch.Tensor) -> None:
         grads[i] = value.float() if grads[i] is None else grads[i].add_(value)
 
-    if need[proj.weight]:
+    if proj.weight is not None and need[proj.weight]:
         put(proj.weight, dy.t() @ inp)
     if proj.bias is not None and need[proj.bias]:
         put(proj.bias, dy.sum(0))
     if not want_dx:
         dx = None
     elif dx_into is None:
-        dx = dy @ ts[proj.weight].to(cd)
+        dx = dy @ _weight(proj, ts, cd)
     else:
-        dx = dx_into.addmm_(dy, ts[proj.weight].to(cd))
+        dx = dx_into.addmm_(dy, _weight(proj, ts, cd))
     for (ia, ib, s), xa, dyb in zip(proj.loras, xas, dybs if dybs is not None else _lora_dy_b(dy, proj, ts, cd)):
         if need[ib]:
             put(ib, (dy.t() @ xa).mul_(s))
@@ -156,13 +175,15 @@ class _LeanSwiGLU(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
             e, xa_g = _linear(x2, gate, ts, cd)
             g, xa_u = _linear(x2, up, ts, cd)
-            y = x2.new_empty((x2.shape[0], ts[down.weight].shape[0]), dtype=cd)
+            w_down = _weight(down, ts, cd)
+            y = x2.new_empty((x2.shape[0], w_down.shape[0]), dtype=cd)
             xa_parts: list[list[torch.Tensor]] = []
             for rows in _row_chunks(x2.shape[0]):
                 h = swiglu_forward(e[rows], g[rows])
-                xa_parts.append(_linear(h, down, ts, cd, out=y[rows])[1])
+                xa_parts.append(_linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
                 del h
             xa_d = [torch.cat(parts) for parts in zip(*xa_parts)]
+            del w_down
         ctx.projs, ctx.cd, ctx.x_dtype, ctx.x_shape = projs, cd, x.dtype, x.shape
         ctx.n_lora = (len(xa_g), len(xa_u), len(xa_d))
         ctx.save_for_backward(x2, e, g, *xa_g, *xa_u, *xa_d, *ts)
@@ -186,16 +207,18 @@ class _LeanSwiGLU(torch.autograd.Function):
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
             dybs = _lora_dy_b(dy2, down, ts, cd)
-            need_h = need[down.weight] or any(need[ia] for ia, _, _ in down.loras)
+            need_h = (down.weight is not None and need[down.weight]) or any(need[ia] for ia, _, _ in down.loras)
+            w_down = _weight(down, ts, cd)
             for rows in _row_chunks(dy2.shape[0]):
                 # d(product); the down projection's gradients that need the product come after it is rewritten
-                dh = dy2[rows] @ ts[down.weight].to(cd)
+                dh = dy2[rows] @ w_down
                 for (ia, _, s), dyb in zip(down.loras, dybs):
                     dh.addmm_(dyb[rows], ts[ia].to(cd), alpha=s)
                 swiglu_backward_(e[rows], g[rows], dh, write_h=need_h)  # e <- d gate, g <- d up, dh <- product
                 _linear_backward(dy2[rows], dh if need_h else None, [xa[rows] for xa in xa_d], down, ts, need,
                                  grads, cd, want_dx=False, dybs=[dyb[rows] for dyb in dybs])
                 del dh
+            del w_down
             want_dx = ctx.needs_input_grad[0]
             dx = _linear_backward(e, x2, xa_g, gate, ts, need, grads, cd, want_dx)
             _linear_backward(g, x2, xa_u, up, ts, need, grads, cd, want_dx, dx_into=dx)  # adds into dx

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..shared import quantization_of
+
 NAME = "smart_checkpointing"
 logger = logging.getLogger("sft_plugins")
 _PATCH_ATTR = "_sft_plugins_smart_checkpointing_patch"  # on the model instance while it is patched
@@ -143,6 +145,7 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
     plain = functools.partial(torch_checkpoint, use_reentrant=False,
                               preserve_rng_state=opts["preserve_rng_state"])
     slots = {id(layer): i for i, layer in enumerate(checkpointed)}
+    int8_mlps = 0
     for module in model.modules():
         if not hasattr(module, "gradient_checkpointing"):
             continue
@@ -162,6 +165,8 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
                 lean = lean_mlp_forward(mlp) if opts["lean_mlp"] else None
                 if lean is not None:
                     mlp.forward = lean
+                elif opts["lean_mlp"] and any(quantization_of(m) == "8bit" for m in mlp.modules()):
+                    int8_mlps += 1
                 if opts["mlp_chunks"]:  # tiles whichever forward is in place (the lean one included)
                     mlp.forward = make_tiled_forward(mlp, opts["mlp_chunks"])
             for norm in layer_norms(module) if opts["lean_norm"] else ():
@@ -173,6 +178,10 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
             fn = plain
         module.gradient_checkpointing = True
         module._gradient_checkpointing_func = fn
+    if int8_mlps:
+        logger.warning("%s: lean_mlp left %d MLPs with 8-bit (LLM.int8()) projections to bitsandbytes' own "
+                       "forward in the recompute: int8 activation quantisation has no exact dense equivalent",
+                       NAME, int8_mlps)
     n_keep = min(opts["keep_last_on_gpu"], len(checkpointed))
     cfg = offloader.config
     logger.info("%s: %d of %d layers checkpointed, mode=%s, last %d kept on the GPU, host budget %.1f GiB, "
