@@ -26,10 +26,10 @@ def model_dir(local_model_and_chat):
     return local_model_and_chat[0]
 
 
-def _load(model_dir, quant, device="cpu", skip_lm_head=True):
+def _load(model_dir, quant, device="cpu", skip_lm_head=True, dtype=None):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     skip = None if skip_lm_head else []
     if quant == "8bit":
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -264,3 +264,40 @@ def test_gpu_lean_mlp_on_4bit_saves_memory_and_keeps_the_loss(tok, tmp_path):
     for a, b in zip(plain_losses, lean_losses):
         assert abs(a - b) <= 2e-2 * abs(a)
     assert plain_peak - lean_peak >= 3 * unit, (plain_peak / unit, lean_peak / unit)
+
+
+def test_frozen_fp32_embeddings_downcast_with_the_same_losses(model_dir, tok, tmp_path):
+    """peft's prepare_model_for_kbit_training leaves the frozen embedding tables (input and head) in fp32; under
+    bf16 training fused_ce stores them in bf16 again at train begin: half their bytes, bit-identical losses, and
+    undo() gives the fp32 tables back."""
+    from peft import prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    from sft_plugins.embedded import build_dataset
+
+    def run(downcast):
+        torch.manual_seed(0)
+        model = prepare_model_for_kbit_training(_load(model_dir, "nf4-dq", dtype=torch.bfloat16),
+                                                use_gradient_checkpointing=False)
+        table = model.get_input_embeddings().weight
+        assert table.dtype == torch.float32 and not table.requires_grad
+        args = SFTConfig(output_dir=str(tmp_path / f"dc{downcast}"), max_steps=3, per_device_train_batch_size=4,
+                         learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
+                         bf16=True, max_length=64, seed=0, disable_tqdm=True)
+        stack = sft_plugins.compose(["fused_ce"], options={"fused_ce": {"downcast_frozen_embeddings": downcast}})
+        with stack:
+            trainer = SFTTrainer(**stack.prepare(model=model, args=args, processing_class=tok, peft_config=_lora(),
+                                                 train_dataset=build_dataset(24, max_words=12)))
+            trainer.train()
+            dtype = table.dtype
+            saved = getattr(getattr(stack.state_of("fused_ce"), "downcast", None), "saved_bytes", 0)
+        assert table.dtype == torch.float32  # undone
+        return [r["loss"] for r in trainer.state.log_history if "loss" in r], dtype, saved
+
+    kept, kept_dtype, _ = run(False)
+    down, down_dtype, saved = run(True)
+    assert kept_dtype == torch.float32 and down_dtype == torch.bfloat16
+    model = _load(model_dir, "nf4-dq", dtype=torch.bfloat16)
+    tables = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    assert saved == 2 * sum(tables.values())  # each fp32 table (tied or not) stored in 2 bytes less per value
+    assert down == kept

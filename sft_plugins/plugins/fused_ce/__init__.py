@@ -49,6 +49,9 @@ OPTIONS = [
            type=(list, tuple),
            check=lambda v: None if all(isinstance(t, str) for t in v)
            else f"option 'extra_model_types' must be a list of model_type strings, got {v!r}"),
+    Option("downcast_frozen_embeddings", True, "under bf16/fp16 training, frozen fp32 input/output embeddings "
+           "whose values are exact in that dtype (peft's prepare_model_for_kbit_training upcast) are stored in it "
+           "again at train begin; the lookup is cast back to fp32, so every number is unchanged", type=bool),
 ]
 
 
@@ -119,15 +122,27 @@ def sft_patch_model(model: Any, args: Any, options: dict[str, Any], state: Simpl
 
     if args is not None and type(args).__module__.startswith("trl."):
         import trl.trainer.sft_trainer  # noqa: F401  (SFTConfig given: SFTTrainer will follow)
-    state.patch, undo = apply_patch(_lm_head.base_of(model), options)
+    state.patch, undo_patch = apply_patch(_lm_head.base_of(model), options)
+
+    def undo() -> None:
+        from .frozen_embeddings import restore
+
+        restore(state)
+        undo_patch()
+
     return undo
 
 
 @hookimpl
-def sft_callbacks(state: SimpleNamespace) -> list[Any]:
+def sft_callbacks(options: dict[str, Any], state: SimpleNamespace) -> list[Any]:
     patch = getattr(state, "patch", None)
     if patch is None or not patch.active:
         return []
     from .guard import FusedCEGuard
 
-    return [FusedCEGuard(patch)]
+    callbacks = [FusedCEGuard(patch)]
+    if options["downcast_frozen_embeddings"]:
+        from .frozen_embeddings import make_callback
+
+        callbacks.append(make_callback(state))
+    return callbacks
