@@ -148,3 +148,28 @@ def test_qlora_example_runs_on_the_embedded_model(tmp_path):
     record = json.loads((out / "sft_plugins.json").read_text())
     assert record["plugins"] == ["fused_ce", "smart_checkpointing", "padding_free", "adamw_8bit"]
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_qlora_python_example_runs_on_the_embedded_model(tmp_path):
+    """examples/qlora_sft.py (the same recipe in Python) on the embedded model and a CPU: the adapter it saves
+    reloads onto a fresh 4-bit base."""
+    import pathlib
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "qlora_py"
+    run = subprocess.run([sys.executable, "examples/qlora_sft.py", "--model", "tiny", "--max-steps", "2",
+                          "--output-dir", str(out)], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "plugins=['fused_ce', 'smart_checkpointing', 'padding_free', 'adamw_8bit'] final train loss" in run.stdout
+    from peft import PeftModel
+
+    sys.path.insert(0, str(repo / "examples"))
+    try:
+        from qlora_sft import load_4bit
+    finally:
+        sys.path.pop(0)
+    import torch
+
+    base, _ = load_4bit("tiny", torch.float32)
+    model = PeftModel.from_pretrained(base, out)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
