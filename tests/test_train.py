@@ -133,6 +133,23 @@ def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):
     assert time.monotonic() - start < 30
 
 
+def test_offline_hub_dataset_is_looked_up_in_the_cache_and_fails_fast(tmp_path):
+    """Offline, a dataset name is tried in the Hugging Face cache (as datasets does); absent there, one line."""
+    import os
+    import time
+
+    path = tmp_path / "hub.yaml"
+    path.write_text(yaml.safe_dump({"dataset_name": "org/not-a-cached-dataset", "output_dir": str(tmp_path / "o"),
+                                    "use_cpu": True, "bf16": False}))
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "sft_plugins.cli", "train", "--config", str(path)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert "not in the Hugging Face cache" in run.stderr and "local path" in run.stderr
+    assert "Traceback" not in run.stderr and time.monotonic() - start < 60
+
+
 def test_qlora_example_runs_on_the_embedded_model(tmp_path):
     """examples/qlora_sft.yaml (4-bit NF4 base, LoRA, adamw_8bit, four plugins) as printed, on the embedded
     model and a CPU: bitsandbytes quantises it, the plugins compose, the adapter is saved."""

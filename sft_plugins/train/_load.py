@@ -133,10 +133,7 @@ def load_datasets(script_args: Any, dataset_args: Any, training_args: Any) -> tu
     elif _is_local(name):
         data = _load_local(pathlib.Path(name).expanduser(), script_args.dataset_config)
     else:
-        require_hub("dataset", name)
-        from datasets import load_dataset
-
-        data = load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+        data = _load_hub_dataset(name, script_args)
     split = script_args.dataset_train_split
     if split not in data:
         raise TrainConfigError(f"the dataset has no split {split!r} (it has {sorted(data)}): set dataset_train_split")
@@ -149,6 +146,22 @@ def load_datasets(script_args: Any, dataset_args: Any, training_args: Any) -> tu
                                    f"{script_args.dataset_test_split!r}, which the dataset lacks ({sorted(data)})")
         eval_data = data[script_args.dataset_test_split]
     return data[split], eval_data
+
+
+def _load_hub_dataset(name: str, script_args: Any) -> Any:
+    """A hub dataset; offline (``HF_HUB_OFFLINE``) from the Hugging Face cache, as ``datasets`` does, with one
+    clear line when it is not there."""
+    from datasets import load_dataset
+
+    if not hub_offline():
+        require_hub("dataset", name)
+        return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    try:
+        return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
+    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError or its own errors here
+        raise TrainConfigError(f"dataset {name!r} is not a local path and not in the Hugging Face cache "
+                               f"(HF_HUB_OFFLINE is set; {type(exc).__name__}): give a local path (a data file "
+                               "or folder)") from None
 
 
 def trainer_inputs(script_args: Any, training_args: Any, model_args: Any, dataset_args: Any) -> dict[str, Any]:

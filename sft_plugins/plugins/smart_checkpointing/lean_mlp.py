@@ -3,15 +3,15 @@
 ``down(silu(gate(x)) * up(x))`` with each projection a plain ``nn.Linear``, a frozen bitsandbytes 4-bit
 ``Linear4bit`` (QLoRA: dequantised per use with bitsandbytes' own kernel, as its ``matmul_4bit`` does for
 training-sized inputs), or a PEFT LoRA ``Linear`` around either (vanilla LoRA: no DoRA or other variant, no
-dropout, no LoRA bias). 8-bit ``Linear8bitLt`` projections are not fused (see ``plugins.shared.quant``). Eager autograd keeps four
-[tokens, intermediate] tensors for the backward (gate, up, silu(gate), their product) and allocates
-three more in it (the gradients of the product, of silu(gate), of up), plus PEFT's ``base + B(A(x))·s``
-temporaries in the forward. Here the forward keeps only gate and up (LoRA sums accumulated into the base
-output in place), and the backward allocates one: d(product); the SwiGLU backward then overwrites gate
-and up with their gradients and d(product) with the product itself, which the down projection's weight
-gradients need once more. The product and its gradient exist one row chunk at a time (a quarter of the
-tokens on long inputs). Peak: 2¼ such tensors instead of ~8, the same products and sums (results equal to
-eager up to rounding order; chunked weight gradients are summed in fp32).
+dropout, no LoRA bias). 8-bit ``Linear8bitLt`` projections are not fused (see ``plugins.shared.quant``).
+Eager autograd keeps four [tokens, intermediate] tensors for the backward (gate, up, silu(gate), their
+product) and allocates three more in it (the gradients of the product, of silu(gate), of up), plus PEFT's
+``base + B(A(x))·s`` temporaries in the forward. Here the forward keeps only gate and up (LoRA sums
+accumulated into the base output in place), and the backward allocates one: d(product); the SwiGLU backward
+then overwrites gate and up with their gradients and d(product) with the product itself, which the down
+projection's weight gradients need once more. The product and its gradient exist one row chunk at a time (a
+quarter of the tokens on long inputs). Peak: 2¼ such tensors instead of ~8, the same products and sums
+(results equal to eager up to rounding order; chunked weight gradients are summed in fp32).
 
 Used only where a graph is built (the recompute); anything else falls back to the module's own forward.
 """
