@@ -350,7 +350,7 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
 
     import sft_plugins
     from sft_plugins.embedded import build_model
-    from sft_plugins.plugins import adamw_8bit, fused_ce, packing, padding_free, smart_checkpointing
+    from sft_plugins.plugins import adamw_8bit, fused_ce, fused_lora, packing, padding_free, smart_checkpointing
     from sft_plugins.plugins.padding_free import attention as packed_attention
 
     w, cuda = spec["workload"], spec["device"] == "cuda"
@@ -374,7 +374,7 @@ def run_trl(spec: dict[str, Any], result: dict[str, Any]) -> None:
     if spec["lora"]:
         kwargs["peft_config"] = LoraConfig(r=LORA_R, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     mods = {"fused_ce": fused_ce, "smart_checkpointing": smart_checkpointing, "padding_free": padding_free,
-            "packing": packing, "adamw_8bit": adamw_8bit}
+            "packing": packing, "adamw_8bit": adamw_8bit, "fused_lora": fused_lora}
     ours = spec["ours"]
     options = {name: dict(opts) for name, opts in spec.get("options", {}).items()}
     if "padding_free" in ours:

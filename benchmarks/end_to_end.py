@@ -89,6 +89,8 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_packing_padding_free": _arm(ours=["packing", "padding_free"]),
     "ours_adamw_8bit": _arm(ours=["adamw_8bit"]),
     "ours_all": _arm(ours=ALL),
+    "ours_fused_lora": _arm(ours=["fused_lora"]),
+    "ours_all_fused_lora": _arm(ours=ALL + ["fused_lora"]),
     # the least GPU memory: every checkpoint off the GPU, each layer's MLP recomputed in 8 sequence chunks
     "ours_all_lean": _arm(ours=ALL, options={"smart_checkpointing": LEAN}),
     # the lean SwiGLU recompute (3 intermediate-sized tensors at the MLP's peak instead of ~8), no extra pass

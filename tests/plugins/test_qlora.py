@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 bnb = pytest.importorskip("bitsandbytes")
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
-ALL = ["fused_ce", "smart_checkpointing", "padding_free", "packing", "adamw_8bit"]
+ALL = ["fused_ce", "smart_checkpointing", "padding_free", "packing", "adamw_8bit", "fused_lora"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,10 @@ def _losses(model_dir, tok, names, quant, tmp_path, *, options=None, device="cpu
             trainer.train()
             if "fused_ce" in names:  # the loss went through the kernel, not a fallback
                 assert sum(stack.state_of("fused_ce").patch.calls.values()) == steps
+            if "fused_lora" in names:  # every LoRA projection fused, but over 8-bit bases (PEFT's forward there)
+                from sft_plugins.plugins.fused_lora import patched_layers
+
+                assert patched_layers(stack.state_of("fused_lora")) == 2 * 7
             if "smart_checkpointing" in names:  # every layer of every step went through our checkpoint
                 assert sft_plugins.plugins.smart_checkpointing.stats(trainer.model)["calls"] == steps * 2
                 # the lean MLP recompute ran on the 4-bit projections; 8-bit ones recompute through bitsandbytes
@@ -96,7 +100,7 @@ def _parity(name):
 
 
 @pytest.mark.parametrize("quant", ["nf4-dq", "fp4", "8bit"])
-@pytest.mark.parametrize("name", ["fused_ce", "smart_checkpointing", "padding_free"])
+@pytest.mark.parametrize("name", ["fused_ce", "smart_checkpointing", "padding_free", "fused_lora"])
 def test_parity_plugin_on_a_quantized_base(model_dir, tok, tmp_path, quant, name):
     base = _losses(model_dir, tok, [], quant, tmp_path)
     ours = _losses(model_dir, tok, [name], quant, tmp_path)
@@ -104,7 +108,7 @@ def test_parity_plugin_on_a_quantized_base(model_dir, tok, tmp_path, quant, name
 
 
 @pytest.mark.parametrize("quant", ["nf4-dq", "8bit"])
-def test_all_five_on_a_quantized_base(model_dir, tok, tmp_path, quant):
+def test_all_plugins_on_a_quantized_base(model_dir, tok, tmp_path, quant):
     losses = _losses(model_dir, tok, ALL, quant, tmp_path)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
@@ -203,7 +207,7 @@ def test_lean_mlp_true_on_an_8bit_base_names_the_fix(model_dir):
 
 # -- on the GPU: bf16 compute, the recipe's optimizer ----------------------------------------------------------
 @needs_cuda
-@pytest.mark.parametrize("name", ["fused_ce", "smart_checkpointing", "padding_free"])
+@pytest.mark.parametrize("name", ["fused_ce", "smart_checkpointing", "padding_free", "fused_lora"])
 def test_gpu_parity_plugin_on_a_4bit_base(model_dir, tok, tmp_path, name):
     base = _losses(model_dir, tok, [], "nf4-dq", tmp_path, device="cuda", steps=6)
     ours = _losses(model_dir, tok, [name], "nf4-dq", tmp_path, device="cuda", steps=6)
@@ -213,7 +217,7 @@ def test_gpu_parity_plugin_on_a_4bit_base(model_dir, tok, tmp_path, name):
 
 @needs_cuda
 @pytest.mark.parametrize("quant", ["nf4-dq", "fp4", "8bit"])
-def test_gpu_all_five_on_a_quantized_base(model_dir, tok, tmp_path, quant):
+def test_gpu_all_plugins_on_a_quantized_base(model_dir, tok, tmp_path, quant):
     base = _losses(model_dir, tok, [], quant, tmp_path, device="cuda", steps=6)
     ours = _losses(model_dir, tok, ALL, quant, tmp_path, device="cuda", steps=6)
     assert all(torch.isfinite(torch.tensor(ours))) and abs(ours[-1] - base[-1]) < 0.5

@@ -1,7 +1,8 @@
 """What the built-in plugins share, and the only module one plugin may import from another's side:
 the padding-free collator and label building (``padding_free`` and ``packing``), packed-row model checks,
-FSDP2 detection (``fused_ce``, ``smart_checkpointing``, ``adamw_8bit``), and bitsandbytes-quantised layers
-(``fused_ce``'s head, ``smart_checkpointing``'s lean MLP).
+FSDP2 detection (``fused_ce``, ``smart_checkpointing``, ``adamw_8bit``), bitsandbytes-quantised layers
+(``fused_ce``'s head, ``smart_checkpointing``'s lean MLP), and LoRA projections computed by hand
+(``shared.lora``, imported from the engine modules that compute them: it imports torch).
 
 No torch import at module level: plugins import this from their hookimpl modules.
 """

@@ -19,71 +19,25 @@ Used only where a graph is built (the recompute); anything else falls back to th
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ...kernels import swiglu_backward_, swiglu_forward
-from ..shared import dequantized_weight, quantization_of
-
-
-@dataclass
-class _Proj:
-    """One projection as indices into the tensor list handed to the autograd function; a 4-bit base
-    layer is held as the module itself (its packed weight is no tensor autograd could use)."""
-
-    weight: int | None
-    bias: int | None = None
-    quantized: Any = None
-    loras: list[tuple[int, int, float]] = field(default_factory=list)  # (A index, B index, scaling)
+from ..shared.lora import Projection, base_weight, linear, linear_backward, lora_dy_b, projection
 
 
 def _is_silu(act: Any) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ in ("SiLUActivation", "SiLU")
 
 
-def _projection(module: Any, tensors: list[torch.Tensor]) -> _Proj | None:
-    """Appends the projection's tensors to ``tensors``; None when it is not one we can fuse exactly."""
-    quantization = quantization_of(module)
-    if type(module) is torch.nn.Linear or quantization == "4bit":
-        if quantization == "4bit":
-            if module.weight.requires_grad:
-                return None
-            proj = _Proj(None, quantized=module)
-        else:
-            proj = _Proj(len(tensors))
-            tensors.append(module.weight)
-        if module.bias is not None:
-            proj.bias = len(tensors)
-            tensors.append(module.bias)
-        return proj
-    base = getattr(module, "base_layer", None)
-    if base is None or not all(hasattr(module, a) for a in ("lora_A", "lora_B", "lora_dropout", "scaling")):
-        return None
-    proj = _projection(base, tensors)
-    if proj is None or getattr(module, "disable_adapters", False) or getattr(module, "merged", False):
-        return proj  # adapters off, or merged into the base weight: the base layer is the whole forward
-    for name in module.active_adapters:
-        if name not in module.lora_A:
-            continue
-        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-        dropout_off = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and drop.p == 0)
-        if (name in getattr(module, "lora_variant", {}) or not dropout_off or type(a) is not torch.nn.Linear
-                or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None):
-            return None
-        proj.loras.append((len(tensors), len(tensors) + 1, float(module.scaling[name])))
-        tensors.extend([a.weight, b.weight])
-    return proj
-
-
-def _plan(mlp: Any) -> tuple[tuple[_Proj, _Proj, _Proj], list[torch.Tensor]] | None:
+def _plan(mlp: Any) -> tuple[tuple[Projection, Projection, Projection], list[torch.Tensor]] | None:
     if not _is_silu(getattr(mlp, "act_fn", None)):
         return None
     tensors: list[torch.Tensor] = []
-    projs = [_projection(getattr(mlp, name, None), tensors) for name in ("gate_proj", "up_proj", "down_proj")]
+    projs = [projection(getattr(mlp, name, None), tensors) for name in ("gate_proj", "up_proj", "down_proj")]
     if any(p is None for p in projs):
         return None
     return (projs[0], projs[1], projs[2]), tensors  # type: ignore[return-value]
@@ -102,85 +56,22 @@ def _row_chunks(n: int) -> list[slice]:
     return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
 
-def _weight(proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype) -> torch.Tensor:
-    """The base weight in the compute dtype (a 4-bit one dequantised: one transient dense copy)."""
-    if proj.quantized is not None:
-        return dequantized_weight(proj.quantized, cd)
-    return ts[proj.weight].to(cd)
-
-
-def _linear(inp: torch.Tensor, proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype,
-            out: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
-    """``inp @ W.T (+ b) + sum_k s_k (inp @ A_k.T) @ B_k.T`` with the LoRA terms added in place (into
-    ``out`` when given: a contiguous [rows, out_features] view); ``weight``: W in ``cd`` when already made."""
-    bias = None if proj.bias is None else ts[proj.bias].to(cd)
-    w = _weight(proj, ts, cd) if weight is None else weight
-    if out is None:
-        out = torch.nn.functional.linear(inp, w, bias)
-    elif bias is None:
-        torch.mm(inp, w.t(), out=out)
-    else:
-        torch.addmm(bias, inp, w.t(), out=out)
-    xas = []
-    for ia, ib, s in proj.loras:
-        xa = inp @ ts[ia].to(cd).t()
-        out.addmm_(xa, ts[ib].to(cd).t(), alpha=s)
-        xas.append(xa)
-    return out, xas
-
-
-def _lora_dy_b(dy: torch.Tensor, proj: _Proj, ts: Sequence[torch.Tensor], cd: torch.dtype) -> list[torch.Tensor]:
-    """``dy @ B_k`` ([N, r]) per LoRA term: what both d(input) and dA need."""
-    return [dy @ ts[ib].to(cd) for _, ib, _ in proj.loras]
-
-
-def _linear_backward(dy: torch.Tensor, inp: torch.Tensor | None, xas: Sequence[torch.Tensor], proj: _Proj,
-                     ts: Sequence[torch.Tensor], need: list[bool], grads: list[Any], cd: torch.dtype, want_dx: bool,
-                     dybs: list[torch.Tensor] | None = None,
-                     dx_into: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Fills ``grads`` for the projection's tensors in fp32 (adding to what is there: row chunks); returns
-    d(input) when ``want_dx`` (added into ``dx_into`` when given). ``inp`` may be None when no gradient that
-    needs it is wanted; ``dybs`` are the ``dy @ B_k`` products when already made."""
-
-    def put(i: int, value: torch.Tensor) -> None:
-        grads[i] = value.float() if grads[i] is None else grads[i].add_(value)
-
-    if proj.weight is not None and need[proj.weight]:
-        put(proj.weight, dy.t() @ inp)
-    if proj.bias is not None and need[proj.bias]:
-        put(proj.bias, dy.sum(0))
-    if not want_dx:
-        dx = None
-    elif dx_into is None:
-        dx = dy @ _weight(proj, ts, cd)
-    else:
-        dx = dx_into.addmm_(dy, _weight(proj, ts, cd))
-    for (ia, ib, s), xa, dyb in zip(proj.loras, xas, dybs if dybs is not None else _lora_dy_b(dy, proj, ts, cd)):
-        if need[ib]:
-            put(ib, (dy.t() @ xa).mul_(s))
-        if need[ia]:
-            put(ia, (dyb.t() @ inp).mul_(s))
-        if dx is not None:
-            dx.addmm_(dyb, ts[ia].to(cd), alpha=s)
-    return dx
-
-
 class _LeanSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, projs: tuple[_Proj, _Proj, _Proj], *ts: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, projs: tuple[Projection, Projection, Projection], *ts: torch.Tensor) -> torch.Tensor:
         device = x.device.type
         cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         gate, up, down = projs
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            e, xa_g = _linear(x2, gate, ts, cd)
-            g, xa_u = _linear(x2, up, ts, cd)
-            w_down = _weight(down, ts, cd)
+            e, xa_g = linear(x2, gate, ts, cd)
+            g, xa_u = linear(x2, up, ts, cd)
+            w_down = base_weight(down, ts, cd)
             y = x2.new_empty((x2.shape[0], w_down.shape[0]), dtype=cd)
             xa_parts: list[list[torch.Tensor]] = []
             for rows in _row_chunks(x2.shape[0]):
                 h = swiglu_forward(e[rows], g[rows])
-                xa_parts.append(_linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
+                xa_parts.append(linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
                 del h
             xa_d = [torch.cat(parts) for parts in zip(*xa_parts)]
             del w_down
@@ -206,22 +97,22 @@ class _LeanSwiGLU(torch.autograd.Function):
         device = dy.device.type
         with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
-            dybs = _lora_dy_b(dy2, down, ts, cd)
+            dybs = lora_dy_b(dy2, down, ts, cd)
             need_h = (down.weight is not None and need[down.weight]) or any(need[ia] for ia, _, _ in down.loras)
-            w_down = _weight(down, ts, cd)
+            w_down = base_weight(down, ts, cd)
             for rows in _row_chunks(dy2.shape[0]):
                 # d(product); the down projection's gradients that need the product come after it is rewritten
                 dh = dy2[rows] @ w_down
                 for (ia, _, s), dyb in zip(down.loras, dybs):
                     dh.addmm_(dyb[rows], ts[ia].to(cd), alpha=s)
                 swiglu_backward_(e[rows], g[rows], dh, write_h=need_h)  # e <- d gate, g <- d up, dh <- product
-                _linear_backward(dy2[rows], dh if need_h else None, [xa[rows] for xa in xa_d], down, ts, need,
+                linear_backward(dy2[rows], dh if need_h else None, [xa[rows] for xa in xa_d], down, ts, need,
                                  grads, cd, want_dx=False, dybs=[dyb[rows] for dyb in dybs])
                 del dh
             del w_down
             want_dx = ctx.needs_input_grad[0]
-            dx = _linear_backward(e, x2, xa_g, gate, ts, need, grads, cd, want_dx)
-            _linear_backward(g, x2, xa_u, up, ts, need, grads, cd, want_dx, dx_into=dx)  # adds into dx
+            dx = linear_backward(e, x2, xa_g, gate, ts, need, grads, cd, want_dx)
+            linear_backward(g, x2, xa_u, up, ts, need, grads, cd, want_dx, dx_into=dx)  # adds into dx
             if dx is not None:
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         grads = [None if grad is None else grad.to(t.dtype) for grad, t in zip(grads, ts)]
