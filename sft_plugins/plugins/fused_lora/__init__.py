@@ -95,5 +95,10 @@ def sft_callbacks(state: SimpleNamespace) -> list[Any]:
         def on_train_begin(self, args: Any, trainer_state: Any, control: Any, model: Any = None, **kw: Any) -> None:
             if model is not None:
                 patch_lora_layers(model, state)
+                if not getattr(state, "layers", None):
+                    import logging
+
+                    logging.getLogger("sft_plugins").warning(
+                        "%s: the model has no PEFT LoRA linear layers (full fine-tuning?): nothing is fused", NAME)
 
     return [FusedLoraPatcher()]
