@@ -55,6 +55,10 @@ OPTIONS = [
     Option("lean_mlp", "auto", "SwiGLU MLPs through a fused recompute keeping 2.25 [tokens, intermediate] "
            "tensors at the peak instead of ~8; auto: where it applies, true: refuse a model where none does",
            type=bool, choices=("auto",)),
+    Option("memory_budget", "tight", "GPU memory the plugin may spend on not recomputing: 'tight' (every layer "
+           "checkpointed and offloaded), 'auto' (what the device allows), a fraction (<= 1) of it, or GiB; the "
+           "first step measures, then the last layers keep their activations and the next ones their input on "
+           "the GPU, as many as fit", choices=("tight", "auto"), type=float, minimum=0),
     Option("lean_norm", "auto", "Llama-style RMSNorms through a fused recompute keeping no fp32 copy of their "
            "input; auto: where it applies", type=bool, choices=("auto",)),
 ]
@@ -181,7 +185,15 @@ def sft_patch_model(model: Any, args: Any, options: dict[str, Any], state: Simpl
 
 
 @hookimpl
-def sft_callbacks(state: SimpleNamespace) -> list[Any]:
+def sft_callbacks(args: Any, options: dict[str, Any], state: SimpleNamespace) -> list[Any]:
     from .guard import SmartCheckpointingGuard
 
-    return [SmartCheckpointingGuard(state.patch)] if getattr(state, "patch", None) is not None else []
+    patch = getattr(state, "patch", None)
+    if patch is None:
+        return []
+    callbacks = [SmartCheckpointingGuard(patch)]
+    if patch.budget is not None:
+        from .budget import make_planner
+
+        callbacks.append(make_planner(patch, args, options["keep_last_on_gpu"]))
+    return callbacks

@@ -17,6 +17,7 @@ import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..shared import is_dtensor, is_fsdp_module
+from .budget import saved_bytes_counter
 from .offload import Offloader
 
 
@@ -24,7 +25,10 @@ from .offload import Offloader
 class LayerPlan:
     offloader: Offloader
     slot: int  # index among the checkpointed layers
-    keep: bool  # one of the last k layers: input stays on the GPU
+    keep: bool  # input stays on the GPU (the last k layers; more under a memory_budget)
+    layer: Any = None  # the module (its parameters are not activations when the budget measures)
+    checkpoint: bool = True  # False (memory_budget): the layer runs as is, keeping all its activations
+    calibrate: Any = None  # a budget.Measurement to fill from this layer's next recompute, then None
 
 
 def _device_types(x: torch.Tensor) -> list[str]:
@@ -77,8 +81,17 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             for device_type, enabled, dtype in ctx.autocast:  # backward runs outside the trainer's autocast
                 stack.enter_context(torch.autocast(device_type, dtype=dtype, enabled=enabled,
                                                    cache_enabled=ctx.autocast_cache))
+            measurement, ctx.plan.calibrate = ctx.plan.calibrate, None
+            if measurement is not None:  # memory_budget: what one layer saves when it keeps its activations
+                hooks, seen = saved_bytes_counter(list(ctx.plan.layer.parameters()) if ctx.plan.layer else [])
+                stack.enter_context(hooks)
             with torch.enable_grad():
                 out = ctx.run(x)
+            if measurement is not None:
+                tokens = max(1, x[..., 0].numel())
+                measurement.tokens = tokens
+                measurement.input_per_token = x.element_size() * x.shape[-1]
+                measurement.saved_per_token = sum(seen.values()) / tokens
         outs = out if isinstance(out, tuple) else (out,)
         pairs = [(o, g) for o, g in zip(outs, grad_outputs)
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
@@ -124,6 +137,12 @@ def make_checkpoint_fn(layer: torch.nn.Module, plan: LayerPlan) -> Callable[...,
         if not torch.is_grad_enabled():  # older transformers call us under no_grad too: no backward to serve
             return function(*args, **kwargs)
         x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and plan.slot == 0:
+            counters = plan.offloader.counters
+            counters["max_tokens"] = max(counters.get("max_tokens", 0), x[..., 0].numel())
+        if not plan.checkpoint:  # memory_budget left this layer whole: no recompute, all activations kept
+            plan.offloader.counters["unchecked_calls"] += 1
+            return function(*args, **kwargs)
         keywords = function.keywords.values() if isinstance(function, functools.partial) else ()
         if (not isinstance(x, torch.Tensor) or not x.is_floating_point()
                 or _requires_grad_anywhere((*args[1:], *kwargs.values(), *keywords))):

@@ -217,7 +217,7 @@ class Offloader:
         self._live: dict[int, _Entry] = {}  # forward order: the end is what backward needs next
         self._streams: dict[torch.device, Any] = {}
         self.counters = dict(calls=0, saved_bytes=0, host_bytes=0, pageable_bytes=0, kept_bytes=0,
-                             fallback_bytes=0, plain_calls=0, fsdp_calls=0)
+                             fallback_bytes=0, plain_calls=0, fsdp_calls=0, unchecked_calls=0, max_tokens=0)
 
     def stats(self) -> dict[str, Any]:
         c = dict(self.counters)

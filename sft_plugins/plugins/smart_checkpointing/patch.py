@@ -66,6 +66,8 @@ class Patch:
     funcs: dict[int, Callable[..., Any]] = field(default_factory=dict)
     saved: list[tuple[Any, dict[str, Any]]] = field(default_factory=list)
     active: bool = True  # False once undone: the guard then has nothing to check
+    plans: list[Any] = field(default_factory=list)  # per checkpointed layer, in order (checkpoint.LayerPlan)
+    budget: Any = None  # budget.BudgetState when a memory_budget other than "tight" is set
 
     def intact(self) -> bool:
         return all(layer.__dict__.get("_gradient_checkpointing_func") is self.funcs[id(layer)]
@@ -142,6 +144,10 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
     checkpointed = [layer for i, layer in enumerate(layers) if i % every == 0]
     keep_from = len(checkpointed) - opts["keep_last_on_gpu"]
     patch = Patch(offloader, checkpointed)
+    if opts["memory_budget"] != "tight":
+        from .budget import BudgetState
+
+        patch.budget = BudgetState(opts["memory_budget"])
     plain = functools.partial(torch_checkpoint, use_reentrant=False,
                               preserve_rng_state=opts["preserve_rng_state"])
     slots = {id(layer): i for i, layer in enumerate(checkpointed)}
@@ -156,7 +162,8 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
             if slot is None:  # every_n_layers skips it
                 module.gradient_checkpointing = False
                 continue
-            plan = LayerPlan(offloader, slot, keep=slot >= keep_from)
+            plan = LayerPlan(offloader, slot, keep=slot >= keep_from, layer=module)
+            patch.plans.append(plan)
             fn = make_checkpoint_fn(module, plan)
             patch.funcs[id(module)] = fn
             mlp = mlp_of(module) if opts["mlp_chunks"] or opts["lean_mlp"] else None
