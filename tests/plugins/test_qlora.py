@@ -14,6 +14,8 @@ import sft_plugins.plugins.smart_checkpointing
 from sft_plugins import PluginError
 from sft_plugins.plugins.smart_checkpointing import lean_mlp
 
+from .smart_checkpointing.helpers import gpu_backward_peaks
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 bnb = pytest.importorskip("bitsandbytes")
 CUDA = torch.cuda.is_available()
@@ -237,30 +239,13 @@ def test_gpu_lean_mlp_on_4bit_saves_memory_and_keeps_the_loss(tok, tmp_path):
                 dtype=torch.bfloat16).save_pretrained(tmp_path / "dense")
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    ids = torch.randint(0, len(tok), (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
     results = {}
     for lean in (False, True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.bfloat16, device_map={"": 0},
                                                      quantization_config=quant)
-        model = get_peft_model(model, _lora())
-        model.train()
-        losses, peaks = [], []
-        opts = {"smart_checkpointing": {"offload": "never", "lean_mlp": lean, "lean_norm": False, "mlp_chunks": 0}}
-        with sft_plugins.compose(["smart_checkpointing"], options=opts) as stack:
-            stack.prepare(model=model)
-            for _ in range(3):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                loss.backward()
-                torch.cuda.synchronize()
-                peaks.append(torch.cuda.max_memory_allocated() - base)
-                losses.append(loss.item())
-                model.zero_grad(set_to_none=True)
-        results[lean] = (losses, max(peaks))
+        options = {"lean_mlp": lean, "lean_norm": False, "mlp_chunks": 0}
+        results[lean] = gpu_backward_peaks(get_peft_model(model, _lora()), tok, options, tokens, autocast=True)
     (plain_losses, plain_peak), (lean_losses, lean_peak) = results[False], results[True]
     unit = tokens * inter * 2  # one bf16 [tokens, intermediate] tensor
     print(f"4-bit MLP recompute, backward peak: bitsandbytes {plain_peak / unit:.2f}, lean {lean_peak / unit:.2f} "

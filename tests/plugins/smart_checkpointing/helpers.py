@@ -103,13 +103,20 @@ def gpu_bf16_lora_backward(tok, options, tokens, inter, hidden):
     torch.manual_seed(0)
     model = with_lora(build_model("tiny", tokenizer=tok, num_hidden_layers=2, intermediate_size=inter,
                                   hidden_size=hidden, dtype=torch.bfloat16).cuda())
+    return gpu_backward_peaks(model, tok, options, tokens)
+
+
+def gpu_backward_peaks(model, tok, options, tokens, autocast=False):
+    """Three steps of ``model`` on the GPU with the plugin (``offload: never`` and ``options``) on one row of
+    ``tokens`` ids: the losses and the highest backward peak above the memory held before it."""
     model.train()
     ids = torch.randint(0, len(tok), (1, tokens), generator=torch.Generator().manual_seed(1)).cuda()
     losses, peaks = [], []
     with sft_plugins.compose([NAME], options={NAME: {"offload": "never", **options}}) as stack:
         stack.prepare(model=model)
         for _ in range(3):
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
