@@ -91,6 +91,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_all": _arm(ours=ALL),
     "ours_fused_lora": _arm(ours=["fused_lora"]),
     "ours_all_fused_lora": _arm(ours=ALL + ["fused_lora"]),
+    # smart_checkpointing's memory_budget: the first step measures, then as many layers as fit run whole
+    "ours_all_budget_auto": _arm(ours=ALL, options={"smart_checkpointing": {"memory_budget": "auto"}}),
+    "ours_all_budget_0.3": _arm(ours=ALL, options={"smart_checkpointing": {"memory_budget": 0.3}}),
+    "ours_all_fused_lora_budget_auto": _arm(ours=ALL + ["fused_lora"],
+                                            options={"smart_checkpointing": {"memory_budget": "auto"}}),
     # the least GPU memory: every checkpoint off the GPU, each layer's MLP recomputed in 8 sequence chunks
     "ours_all_lean": _arm(ours=ALL, options={"smart_checkpointing": LEAN}),
     # the lean SwiGLU recompute (3 intermediate-sized tensors at the MLP's peak instead of ~8), no extra pass
