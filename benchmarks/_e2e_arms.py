@@ -276,6 +276,7 @@ def profile_summary(prof: Any, spec: dict[str, Any]) -> dict[str, Any]:
     out = {"steps": spec.get("profile_steps"), "time_kind": "self device time" if cuda else "self CPU time",
            "total_ms": round(total / 1e3, 2),
            "categories_ms": {k: round(v / 1e3, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+           "ranges_ms": range_times(prof, cuda),
            "top": [{"name": e.key[:120], "ms": round(key(e) / 1e3, 3), "calls": e.count} for e in top]}
     pdir = spec.get("profile_dir")
     if pdir:
@@ -292,6 +293,32 @@ def profile_summary(prof: Any, spec: dict[str, Any]) -> dict[str, Any]:
             with contextlib.suppress(Exception):
                 prof.export_chrome_trace(str(Path(pdir) / f"{spec['arm']}_trace.json"))
     return out
+
+
+def range_times(prof: Any, cuda: bool) -> dict[str, float]:
+    """Device time (CPU time off CUDA) of the ops under each ``sft_plugins.*`` profiler range the plugins
+    open (recompute, layer_backward, offload, fused_ce, fused_lora, lean_mlp), by the innermost one; the rest
+    under its top-level op's category ("other")."""
+    def owner(event: Any) -> str:
+        e = event
+        while e is not None:
+            if e.name.startswith("sft_plugins."):
+                return e.name
+            e = e.cpu_parent
+        return "other"
+
+    times: dict[str, float] = {}
+    for event in prof.events():
+        if event.name.startswith("sft_plugins."):
+            continue
+        if cuda:
+            spent = sum(k.duration for k in getattr(event, "kernels", []))
+        else:
+            spent = float(event.self_cpu_time_total)
+        if spent:
+            key = owner(event)
+            times[key] = times.get(key, 0.0) + spent
+    return {k: round(v / 1e3, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
 def _oom(exc: BaseException) -> bool:

@@ -365,7 +365,9 @@ class _FusedLinearCE(torch.autograd.Function):
         opts: _Opts,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = hidden.device
-        with torch.autocast(device_type=dev.type, enabled=False):
+        # the range names this head's kernels in a torch.profiler trace (forward: its gradients too)
+        with torch.autocast(device_type=dev.type, enabled=False), \
+                torch.profiler.record_function("sft_plugins.fused_ce"):
             cdt = opts.compute_dtype
             h = hidden.to(cdt).contiguous()
             w = weight.to(cdt)
@@ -424,7 +426,8 @@ class _FusedLinearCE(torch.autograd.Function):
         opts: _Opts = ctx.opts
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         dev = g_out.device
-        with torch.autocast(device_type=dev.type, enabled=False):
+        with torch.autocast(device_type=dev.type, enabled=False), \
+                torch.profiler.record_function("sft_plugins.fused_ce"):
             if ctx.deferred:
                 h, w, bias, labels, idx = ctx.saved_tensors
                 scratch = torch.empty(h.shape[0], dtype=torch.float32, device=dev)

@@ -35,7 +35,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, proj: Projection, *ts: torch.Tensor) -> torch.Tensor:
         cd, autocast = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
+        with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext(), \
+                torch.profiler.record_function("sft_plugins.fused_lora"):  # names its kernels in a profile
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
             y, xas = linear(x2, proj, ts, cd)
         ctx.proj, ctx.cd, ctx.x_dtype, ctx.x_shape, ctx.n_lora = proj, cd, x.dtype, x.shape, len(xas)
@@ -49,7 +50,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         need = list(ctx.needs_input_grad[2:])
         grads: list[Any] = [None] * len(ts)
         device = dy.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext(), \
+                torch.profiler.record_function("sft_plugins.fused_lora"):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cd)
             dx = linear_backward(dy2, x2, xas, ctx.proj, ts, need, grads, ctx.cd, ctx.needs_input_grad[0])
         if dx is not None:
@@ -62,7 +64,8 @@ def fused_lora_linear(x: torch.Tensor, proj: Projection, tensors: list[torch.Ten
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
         return _FusedLoraLinear.apply(x, proj, *tensors)
     cd, autocast = _compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext():
+    with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext(), \
+            torch.profiler.record_function("sft_plugins.fused_lora"):
         y, _ = linear(x.reshape(-1, x.shape[-1]).to(cd), proj, tensors, cd)
     return y.view(*x.shape[:-1], y.shape[-1])
 

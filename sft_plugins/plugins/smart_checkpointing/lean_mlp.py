@@ -62,7 +62,8 @@ class _LeanSwiGLU(torch.autograd.Function):
         device = x.device.type
         cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
         gate, up, down = projs
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext(), \
+                torch.profiler.record_function("sft_plugins.lean_mlp"):  # names its kernels in a profile
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
             e, xa_g = linear(x2, gate, ts, cd)
             g, xa_u = linear(x2, up, ts, cd)
@@ -95,7 +96,8 @@ class _LeanSwiGLU(torch.autograd.Function):
         need = list(ctx.needs_input_grad[2:])
         grads: list[Any] = [None] * len(ts)
         device = dy.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext(), \
+                torch.profiler.record_function("sft_plugins.lean_mlp"):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
             dybs = lora_dy_b(dy2, down, ts, cd)
             need_h = (down.weight is not None and need[down.weight]) or any(need[ia] for ia, _, _ in down.loras)
