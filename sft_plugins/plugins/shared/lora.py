@@ -7,13 +7,29 @@ forward adds the LoRA terms into the base output in place, the backward fills fp
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .quant import dequantized_weight, quantization_of
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the products are made in: autocast's when it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+@contextmanager
+def manual_region(device_type: str, name: str) -> Iterator[None]:
+    """Autocast off (the products are cast to :func:`compute_dtype` by hand) and a ``torch.profiler`` range
+    ``name`` naming the region's kernels in a profile."""
+    off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+    with off, torch.profiler.record_function(name):
+        yield
 
 
 @dataclass

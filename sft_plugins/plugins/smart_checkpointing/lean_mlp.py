@@ -20,13 +20,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from ...kernels import swiglu_backward_, swiglu_forward
-from ..shared.lora import Projection, base_weight, linear, linear_backward, lora_dy_b, projection
+from ..shared.lora import (
+    Projection,
+    base_weight,
+    compute_dtype,
+    linear,
+    linear_backward,
+    lora_dy_b,
+    manual_region,
+    projection,
+)
 
 
 def _is_silu(act: Any) -> bool:
@@ -58,12 +66,11 @@ def _row_chunks(n: int) -> list[slice]:
 
 class _LeanSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, projs: tuple[Projection, Projection, Projection], *ts: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        cd = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    def forward(ctx: Any, x: torch.Tensor, projs: tuple[Projection, Projection, Projection],
+                *ts: torch.Tensor) -> torch.Tensor:
+        cd = compute_dtype(x)
         gate, up, down = projs
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext(), \
-                torch.profiler.record_function("sft_plugins.lean_mlp"):  # names its kernels in a profile
+        with manual_region(x.device.type, "sft_plugins.lean_mlp"):
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
             e, xa_g = linear(x2, gate, ts, cd)
             g, xa_u = linear(x2, up, ts, cd)
@@ -95,9 +102,7 @@ class _LeanSwiGLU(torch.autograd.Function):
         cd = ctx.cd
         need = list(ctx.needs_input_grad[2:])
         grads: list[Any] = [None] * len(ts)
-        device = dy.device.type
-        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext(), \
-                torch.profiler.record_function("sft_plugins.lean_mlp"):
+        with manual_region(dy.device.type, "sft_plugins.lean_mlp"):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
             dybs = lora_dy_b(dy2, down, ts, cd)
             need_h = (down.weight is not None and need[down.weight]) or any(need[ia] for ia, _, _ in down.loras)
