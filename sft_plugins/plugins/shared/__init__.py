@@ -17,6 +17,7 @@ from .model import (
     patch_use_cache,
     wants_cuda,
 )
+from .profile import profile_range
 from .quant import dequantized_weight, quantization_of, quantized_layers
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "make_packed_collator",
     "neftune_errors",
     "packed_model_errors",
+    "profile_range",
     "patch_use_cache",
     "quantization_of",
     "quantized_layers",

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .profile import profile_range
 from .quant import dequantized_weight, quantization_of
 
 
@@ -28,7 +29,7 @@ def manual_region(device_type: str, name: str) -> Iterator[None]:
     """Autocast off (the products are cast to :func:`compute_dtype` by hand) and a ``torch.profiler`` range
     ``name`` naming the region's kernels in a profile."""
     off = torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
-    with off, torch.profiler.record_function(name):
+    with off, profile_range(name):
         yield
 
 

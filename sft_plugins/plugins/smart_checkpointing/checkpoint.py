@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ..shared import is_dtensor, is_fsdp_module
+from ..shared import is_dtensor, is_fsdp_module, profile_range
 from .budget import saved_bytes_counter
 from .offload import Offloader
 
@@ -60,7 +60,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         ctx.rng = None
         if plan.offloader.config.preserve_rng_state:  # dropout must draw the same masks in the recompute
             ctx.rng = (torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.is_cuda else None)
-        with torch.profiler.record_function("sft_plugins.offload"):  # named for profiles (no cost otherwise)
+        with profile_range("sft_plugins.offload"):  # names the copy in a profile
             ctx.token = plan.offloader.save(x, plan.slot, plan.keep)  # copy starts before the layer runs
         if ctx.token.entry.where == "device":
             ctx.save_for_backward(x)
@@ -68,7 +68,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> tuple[Any, ...]:
-        with torch.profiler.record_function("sft_plugins.offload"):
+        with profile_range("sft_plugins.offload"):
             loaded = ctx.plan.offloader.load(ctx.token)
         x = loaded if loaded is not None else ctx.saved_tensors[0]
         need_x = ctx.needs_input_grad[3]
@@ -87,7 +87,7 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if measurement is not None:  # memory_budget: what one layer saves when it keeps its activations
                 hooks, seen = saved_bytes_counter(list(ctx.plan.layer.parameters()) if ctx.plan.layer else [])
                 stack.enter_context(hooks)
-            with torch.enable_grad(), torch.profiler.record_function("sft_plugins.recompute"):
+            with torch.enable_grad(), profile_range("sft_plugins.recompute"):
                 out = ctx.run(x)
             if measurement is not None:
                 tokens = max(1, x[..., 0].numel())
@@ -99,14 +99,14 @@ class _OffloadedCheckpoint(torch.autograd.Function):
                  if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
         if ctx.accumulate:
             if pairs:
-                with torch.profiler.record_function("sft_plugins.layer_backward"):
+                with profile_range("sft_plugins.layer_backward"):
                     torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             ctx.run = ctx.params = None
             return (None, None, None, x.grad if need_x else None, *[None] * len(ctx.needs_input_grad[4:]))
         wanted = ([x] if need_x else []) + [p for p, need in zip(ctx.params, ctx.needs_input_grad[4:]) if need]
         grads: Iterable[Any] = [None] * len(wanted)
         if pairs and wanted:
-            with torch.profiler.record_function("sft_plugins.layer_backward"):
+            with profile_range("sft_plugins.layer_backward"):
                 grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
                                             allow_unused=True)
         it = iter(grads)

@@ -137,3 +137,14 @@ def test_all_six_together_train(tok, tmp_path):
 def test_unknown_option_is_refused():
     with pytest.raises(sft_plugins.PluginError, match="fused_lora"):
         sft_plugins.compose([NAME], options={NAME: {"rank": 4}})
+
+
+def test_profile_names_the_fused_projection_only_while_profiling():
+    from sft_plugins.plugins.shared import profile_range
+
+    layer = _lora_linear()
+    forward = function.make_fused_forward(layer)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _run(layer, forward, torch.randn(2, 3, 48))
+    assert "sft_plugins.fused_lora" in {e.key for e in prof.key_averages()}
+    assert type(profile_range("x")).__name__ == "nullcontext"  # unwatched: no record_function cost
