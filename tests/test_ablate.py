@@ -73,10 +73,15 @@ def test_parity_verdict_and_failing_arms(tmp_path):
     loads = ["--load", "lr_boost=ablate_plugins:LrBoost", 
              "--load", "crash=ablate_plugins:Crash", "--load", "hard_crash=ablate_plugins:HardCrash"]
     code = main([*SMALL, *loads, "--arms", "crash,lr_boost,hard_crash", "--no-preflight", "--trainer", "hf",
-                 "--output-dir", str(out)])
+                 "--repeat-baseline", "--output-dir", str(out)])
     assert code == 1  # some arm failed; the results are written all the same
-    arms = _arms(_results(out))
+    results = _results(out)
+    arms = _arms(results)
     assert list(arms) == ["baseline", "crash", "lr_boost", "hard_crash"]
+    again = results["baseline_again"]  # the baseline once more, last: same losses, its speed drift measured
+    assert again["status"] == "ok" and again["max_rel_loss_diff"] == 0 and again["drift"] is not None
+    assert (out / "arms" / "baseline-again" / "result.json").is_file()
+    assert "**baseline again**" in (out / "report.md").read_text()
 
     assert arms["lr_boost"]["status"] == "ok"
     lr = arms["lr_boost"]["parity"]
@@ -209,3 +214,42 @@ def test_timeout_is_reported(tmp_path):
     arms = _arms(_results(out))
     assert list(arms) == ["baseline"] and arms["baseline"]["status"] == "timeout"
     assert "killed after the 3 s timeout" in arms["baseline"]["error"]
+
+
+def test_baseline_drift_marks_the_speed_ratios_inside_it(tmp_path):
+    """The baseline's second run moved 10%: a 1.05x arm is inside that drift (marked, hatched in the
+    throughput plot), a 1.5x arm is not; memory ratios are not affected."""
+    from sft_plugins.ablate._plots import write_plots
+    from sft_plugins.ablate._report import finalize, markdown
+
+    def timed(name, plugins, step_s):
+        arm = _arm(name, plugins, [2.0, 1.5, 1.0])
+        for step in arm["steps"]:
+            step["time_s"] = step_s
+        return arm
+
+    arms = [timed("baseline", [], 0.1), timed("a", ["a"], 0.1 / 1.05), timed("b", ["b"], 0.1 / 1.5)]
+    infos = {"a": {"loss_parity": None}, "b": {"loss_parity": None}}
+    config = {"model": "tiny", "lora": False, "lora_r": 16, "trainer": "sft", "steps": 3, "batch_size": 1,
+              "max_length": 8, "lr": 1e-3, "seed": 0, "device": "cpu"}
+    results = finalize(config, arms, infos, 1, 1.0, baseline_again=timed("baseline", [], 0.1 / 1.1))
+    again = results["baseline_again"]
+    assert again["drift"] == pytest.approx(0.1) and again["max_rel_loss_diff"] == 0
+    summaries = {a["name"]: a["summary"] for a in results["arms"]}
+    assert summaries["a"]["within_drift"] is True and summaries["b"]["within_drift"] is False
+    assert "within_drift" not in summaries["baseline"]
+    report = markdown(results, write_plots(results, tmp_path))
+    assert "| 1.05×† |" in report and "| 1.50× |" in report and "+10.0%" in report and "same losses" in report
+    # no second run: no drift, no marks
+    plain = finalize(config, [timed("baseline", [], 0.1), timed("a", ["a"], 0.1 / 1.05)], infos, 1, 1.0)
+    assert plain["baseline_again"] is None and "within_drift" not in plain["arms"][1]["summary"]
+
+
+def test_baseline_repeats_by_default_on_a_gpu_only():
+    from sft_plugins.ablate import make_config
+
+    assert make_config().resolved_repeat_baseline(cuda=True) is True
+    assert make_config().resolved_repeat_baseline(cuda=False) is False
+    assert make_config(device="cpu").resolved_repeat_baseline(cuda=True) is False
+    assert make_config(repeat_baseline=False).resolved_repeat_baseline(cuda=True) is False
+    assert parse_args(["--repeat-baseline"]).repeat_baseline is True

@@ -17,7 +17,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ._config import BASELINE, GPU_WORKLOAD, AblationConfig, ConfigError, load_yaml, make_config, parse_args
+from ._config import AGAIN, BASELINE, GPU_WORKLOAD, AblationConfig, ConfigError, load_yaml, make_config, parse_args
 
 __all__ = ["BASELINE", "AblationConfig", "ConfigError", "load_yaml", "main", "make_config", "run_ablation"]
 
@@ -62,7 +62,8 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
     if not isinstance(config, AblationConfig):
         config = make_config(config or {})
     config.validate()
-    config = with_device_workload(config, _cuda_available())
+    cuda = _cuda_available()
+    config = with_device_workload(config, cuda)
     local = load_locals(config)
     infos = plugin_infos(local)
     arms = plan_arms(config, infos, local)
@@ -76,12 +77,16 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
                           "pass --output-dir DIR") from None
     skip = config.resolved_skip_steps()
     started = time.monotonic()
-    view = ProgressView([a.name for a in arms], config.steps, skip, console=console, enabled=show_progress)
+    baseline = next((a for a in arms if a.name == BASELINE and not a.skipped), None)
+    repeat = baseline if baseline and len(arms) > 1 and config.resolved_repeat_baseline(cuda) else None
+    names = [a.name for a in arms] + ([AGAIN] if repeat else [])
+    view = ProgressView(names, config.steps, skip, console=console, enabled=show_progress)
     if config.preflight or (config.preflight is None and config.arms):
         _preflight(config, arms, out_dir, view)
 
     spec = base_spec(config)
     results: list[dict[str, Any]] = []
+    again: dict[str, Any] | None = None
     interrupted = False
     with view:
         try:
@@ -96,6 +101,12 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
                 result.update(name=arm.name, plugins=arm.plugins, options=arm.options)
                 results.append(result)
                 view.finished(arm.name, result)
+            if repeat and results and results[0]["name"] == BASELINE and results[0]["status"] == "ok":
+                view.started(AGAIN)
+                again = run_child({**spec, "arm": BASELINE, "plugins": [], "options": {}},
+                                  out_dir / "arms" / f"{repeat.slug}-again", config.timeout,
+                                  lambda event: view.event(AGAIN, event))
+                view.finished(AGAIN, again)
         except KeyboardInterrupt:  # Ctrl-C: the arms that finished are still reported, the rest marked
             interrupted = True
     done = {r["name"] for r in results}
@@ -106,7 +117,7 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
 
     config_dict = {**config.as_dict(), "lr": config.resolved_lr(), "output_dir": str(out_dir)}
     final = finalize(config_dict, results, {k: v.as_dict() for k, v in infos.items()}, skip,
-                     time.monotonic() - started)
+                     time.monotonic() - started, baseline_again=again)
     final["output_dir"] = str(out_dir)
     final["incomplete"] = interrupted or any(a["status"] not in ("ok", "skipped") for a in results)
     try:

@@ -19,6 +19,7 @@ from .._errors import PluginError
 from ..embedded import LONG_TAIL
 
 BASELINE = "baseline"
+AGAIN = "baseline (again)"  # the baseline run once more after the last arm: the machine's drift
 TRAINERS = ("sft", "hf")
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -69,6 +70,7 @@ class AblationConfig:
     timeout: float = 900.0                   # seconds per arm, then the arm is killed and reported
     skip_steps: int | None = None            # steps left out of tokens/s (warm-up); None: steps // 5
     preflight: bool | None = None            # check every arm composes before training; None: when --arms given
+    repeat_baseline: bool | None = None      # run the baseline again after the last arm; None: on a GPU
     trl_config: str | None = None            # a `trl sft` YAML (+ plugins/plugin_options): the workload comes from it
     trl_values: dict[str, Any] = field(default_factory=dict)  # that file's keys, as set (recorded in the report)
     config_plugins: list[str] | None = None  # the file's `plugins:` (the arms default to them)
@@ -84,6 +86,13 @@ class AblationConfig:
         if self.skip_steps is not None:
             return self.skip_steps
         return self.steps // 5 if self.steps >= 5 else 0
+
+    def resolved_repeat_baseline(self, cuda: bool) -> bool:
+        """Whether the baseline runs a second time, last: how far the machine's speed drifted over the ablation
+        bounds which speed ratios mean anything. Default on a GPU, where an arm costs seconds; off on a CPU."""
+        if self.repeat_baseline is not None:
+            return self.repeat_baseline
+        return cuda and self.device != "cpu"
 
     def resolved_output_dir(self) -> pathlib.Path:
         if self.output_dir:
@@ -318,6 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check that every arm composes before training (default when --arms is given)")
     p.add_argument("--no-preflight", dest="preflight", action="store_false", default=S,
                    help="skip that check (an arm that cannot compose then fails when its turn comes)")
+    p.add_argument("--repeat-baseline", dest="repeat_baseline", action="store_true", default=S,
+                   help="run the baseline again after the last arm, to measure how far the machine's speed "
+                   "drifted (default on a GPU)")
+    p.add_argument("--no-repeat-baseline", dest="repeat_baseline", action="store_false", default=S,
+                   help="run the baseline once")
     return p
 
 

@@ -91,7 +91,9 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
     names = [a["name"] for a in arms]
     values = [((a.get("summary") or {}).get(key) or 0.0) / scale for a in arms]
     ratios = [(a.get("summary") or {}).get(ratio_key) for a in arms]
-    noisy = [bool((a.get("summary") or {}).get("timing_noisy")) for a in arms]
+    # timing too noisy within the arm; or (speed only) a ratio within the baseline's drift between its two runs
+    drifted = [ratio_key == "speedup" and bool((a.get("summary") or {}).get("within_drift")) for a in arms]
+    noisy = [bool((a.get("summary") or {}).get("timing_noisy")) or d for a, d in zip(arms, drifted)]
     colors = []
     for arm, r, loud in zip(arms, ratios, noisy):
         if loud:  # the report flags its step times as noisy: no win/loss colour
@@ -114,18 +116,18 @@ def _bar_plot(results: Mapping[str, Any], path: pathlib.Path, key: str, ratio_ke
     base_value = next((v for a, v in zip(arms, values) if a["name"] == BASELINE and v), None)
     if base_value:
         ax.axvline(base_value, color=BASE_COLOR, ls="--", lw=1)
-    for y, arm, v, r, loud in zip(ys, arms, values, ratios, noisy):
+    for y, arm, v, r, loud, drift in zip(ys, arms, values, ratios, noisy, drifted):
         if arm["status"] != "ok" or not v:
             ax.text(vmax * 0.01, y, f"{arm['status']}: {(arm.get('error') or '')[:70]}", va="center",
                     fontsize=9, color=SLOWER if arm["status"] != "skipped" else BASE_COLOR)
             continue
         ratio = "" if r is None or arm["name"] == BASELINE else f"  ({r:.2f}× baseline)"
-        flag = "  noisy timing: busy machine?" if loud else ""
+        flag = ("  within the baseline's drift" if drift else "  noisy timing: busy machine?") if loud else ""
         ax.text(v + vmax * 0.01, y, fmt(v) + ratio + flag, va="center", fontsize=9)
     ax.set_yticks(ys, names)
     ax.set_xlim(0, vmax * 1.45)
     ax.set_xlabel(f"{xlabel}      (green: better, red: worse, light blue: within ±{SAME_BAND:.0%} of the "
-                  "baseline, dashed; hatched grey: step times too noisy to compare)", fontsize=9)
+                  "baseline, dashed; hatched grey: too noisy to compare)", fontsize=9)
     ax.set_title(title)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()

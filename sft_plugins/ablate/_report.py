@@ -95,9 +95,23 @@ def parity(arm: Mapping[str, Any], base: Mapping[str, Any] | None, infos: Mappin
     return out
 
 
+def drift(base: Mapping[str, Any], again: Mapping[str, Any], skip_steps: int) -> dict[str, Any]:
+    """The baseline run a second time, after the last arm: how far the machine's speed moved over the ablation
+    (``drift``: relative change in tokens/s), and whether the same run gave the same losses."""
+    s = summarize(again, skip_steps)
+    first = (base.get("summary") or {}).get("tokens_per_s")
+    ref = {st["step"]: st["loss"] for st in base.get("steps", []) if st.get("loss") is not None}
+    diffs = [abs(st["loss"] - ref[st["step"]]) / max(abs(ref[st["step"]]), 1e-12)
+             for st in again.get("steps", []) if st.get("loss") is not None and st["step"] in ref]
+    return {"status": again.get("status"), "error": again.get("error"), "summary": s, "steps": again.get("steps", []),
+            "drift": s["tokens_per_s"] / first - 1 if s["tokens_per_s"] and first else None,
+            "max_rel_loss_diff": max(diffs) if diffs else None}
+
+
 def finalize(config: Mapping[str, Any], arms: list[dict[str, Any]], infos: Mapping[str, Mapping[str, Any]],
-             skip_steps: int, wall_s: float) -> dict[str, Any]:
-    """The content of results.json: every arm with its steps, summary, ratios and parity."""
+             skip_steps: int, wall_s: float, baseline_again: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The content of results.json: every arm with its steps, summary, ratios and parity; with
+    ``baseline_again`` (the baseline's second run), the drift, and which speed ratios lie within it."""
     base = next((a for a in arms if a["name"] == BASELINE), None)
     env_arm = next((a for a in arms if a.get("device")), {})
     bf16 = bool(env_arm.get("bf16"))
@@ -109,6 +123,12 @@ def finalize(config: Mapping[str, Any], arms: list[dict[str, Any]], infos: Mappi
         s = arm["summary"]
         s["speedup"] = _ratio(s["tokens_per_s"], bsum.get("tokens_per_s"))
         s["memory_ratio"] = _ratio(s["peak_memory_bytes"], bsum.get("peak_memory_bytes"))
+    again = drift(base, baseline_again, skip_steps) if base and baseline_again else None
+    if again and again["drift"] is not None:
+        for arm in arms:
+            s = arm["summary"]
+            if arm is not base and s["speedup"] is not None:
+                s["within_drift"] = abs(s["speedup"] - 1) <= abs(again["drift"])
     return {
         "version": RESULTS_VERSION,
         "config": dict(config),
@@ -118,6 +138,7 @@ def finalize(config: Mapping[str, Any], arms: list[dict[str, Any]], infos: Mappi
         "wall_s": wall_s,
         "plugins": {k: dict(v) for k, v in infos.items()},
         "arms": arms,
+        "baseline_again": again,
     }
 
 
@@ -166,7 +187,7 @@ def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
             "final loss": fmt_num(s.get("final_loss"), ".4f"),
             "loss parity": fmt_parity(p) if status == "ok" else "-",
             "tok/s": fmt_num(s.get("tokens_per_s")) + ("*" if s.get("timing_noisy") else ""),
-            "speed": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×",
+            "speed": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×" + ("†" if s.get("within_drift") else ""),
             "ms/step": "-" if s.get("step_s") is None else f"{s['step_s'] * 1000:,.0f}",
             "peak mem": fmt_bytes(s.get("peak_memory_bytes")),
             "mem": "-" if s.get("memory_ratio") is None else f"{s['memory_ratio']:.2f}×",
@@ -189,7 +210,9 @@ def terminal_table(results: Mapping[str, Any]) -> Any:
     table = Table(title=title, caption=f"tok/s: loss-target tokens/s over steps {results['skip_steps'] + 1}+; "
                                        f"speed, mem: ratio to baseline; peak mem: {env.get('memory_kind') or '-'}; "
                                        f"loss parity: max relative loss diff vs the plugin's tolerance"
-                                       + _noisy_note(results))
+                                       + _noisy_note(results)
+                                       + (f"\nbaseline again: {_drift_note(results)}" if results.get("baseline_again")
+                                          else ""))
     data = rows(results)
     for col in (data[0].keys() if data else ["arm"]):
         table.add_column(col, justify="left" if col in ("arm", "status", "loss parity") else "right",
@@ -209,6 +232,20 @@ def _noisy_note(results: Mapping[str, Any]) -> str:
     medians = ", ".join(f"{a['name']} {a['summary']['tokens_per_s_median']:,.0f}" for a in noisy)
     return (f"\n* step times varied: mean tok/s is {NOISY:.0%}+ off the median step's ({medians}): "
             "was the machine busy?")
+
+
+def _drift_note(results: Mapping[str, Any]) -> str:
+    again = results["baseline_again"]
+    if again["drift"] is None:
+        return f"the baseline's second run, after the last arm, did not finish ({again['status']}): no drift measured."
+    base = next(a for a in results["arms"] if a["name"] == BASELINE)
+    d, loss = again["drift"], again["max_rel_loss_diff"]
+    same = ("the same losses" if loss == 0 else
+            f"losses within {loss:.1e} relative" if loss is not None else "no losses to compare")
+    return (f"run once more after the last arm, the baseline made {again['summary']['tokens_per_s']:,.0f} tok/s "
+            f"against {base['summary']['tokens_per_s']:,.0f} in its first run ({d:+.1%}; {same}). The machine's "
+            f"speed drifted that much over the ablation: a speed ratio within ±{abs(d):.1%} of 1.00× "
+            "(marked †) is not told apart from the baseline by this run.")
 
 
 def _dataset_words(cfg: Mapping[str, Any]) -> str:
@@ -255,6 +292,7 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         f"count) per second of wall time, over steps {results['skip_steps'] + 1}–{cfg['steps']} (the first "
         f"{results['skip_steps']} are warm-up). **speed**, **mem**: ratio to the baseline arm."
         + _noisy_note(results).replace("\n", " "),
+        *([f"- **baseline again**: {_drift_note(results)}"] if results.get("baseline_again") else []),
         f"- **peak mem**: {env.get('memory_kind') or '-'} (on CPU this is the whole process, imports included).",
         "- **loss parity**: ✓/✗ max over steps of |loss − baseline loss| / baseline loss, against the tolerance the "
         "plugin promises (a combination: the loosest member's; none if any member makes no promise; "
