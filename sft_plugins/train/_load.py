@@ -68,6 +68,7 @@ def load_model(model_args: Any, training_args: Any, tokenizer: Any) -> Any:
     """The model instance, as ``trl sft`` would build it from the same ModelConfig (dtype, attention,
     4/8-bit quantisation and its device map); the plugins need the instance to patch it."""
     import tempfile
+    from contextlib import nullcontext
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -91,14 +92,21 @@ def load_model(model_args: Any, training_args: Any, tokenizer: Any) -> Any:
     if name is not None and name not in PRESETS:
         return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     dtype = None if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    model = build_model(name or "tiny", tokenizer=tokenizer, seed=training_args.seed, dtype=dtype,
-                        attn_implementation=model_args.attn_implementation or "sdpa")
+    # 4/8-bit: bitsandbytes quantises while loading, so the preset goes through a folder like any model. Its
+    # random init then runs on the GPU it is loaded to, if any: a 1B shape's init takes ~30 s on a 2-core CPU.
+    device_map = kwargs.get("device_map") if quantization is not None else None
+    gpu = device_map.get("") if isinstance(device_map, dict) else None
+    on_gpu = isinstance(gpu, int) and not isinstance(gpu, bool)
+    with torch.device("cuda", gpu) if on_gpu else nullcontext():
+        model = build_model(name or "tiny", tokenizer=tokenizer, seed=training_args.seed, dtype=dtype,
+                            attn_implementation=model_args.attn_implementation or "sdpa")
     if quantization is None:
         return model
-    # 4/8-bit: bitsandbytes quantises while loading, so the preset goes through a folder like any model
     with tempfile.TemporaryDirectory(prefix="sft-plugins-preset-") as folder:
         model.save_pretrained(folder)
         del model
+        if on_gpu:
+            torch.cuda.empty_cache()  # the full-precision copy's memory, before the quantised load
         kwargs.pop("revision", None)
         return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
 
