@@ -119,7 +119,8 @@ def run_ablation(config: AblationConfig | Mapping[str, Any] | None = None, *, sh
     final = finalize(config_dict, results, {k: v.as_dict() for k, v in infos.items()}, skip,
                      time.monotonic() - started, baseline_again=again)
     final["output_dir"] = str(out_dir)
-    final["incomplete"] = interrupted or any(a["status"] not in ("ok", "skipped") for a in results)
+    # interrupted arms are in results as such; a Ctrl-C during the second baseline run leaves every arm whole
+    final["incomplete"] = any(a["status"] not in ("ok", "skipped") for a in results)
     try:
         plots = write_plots(final, out_dir)
     except Exception as exc:  # a plotting problem must not lose the measurements

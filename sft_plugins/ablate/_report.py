@@ -187,7 +187,8 @@ def rows(results: Mapping[str, Any]) -> list[dict[str, str]]:
             "final loss": fmt_num(s.get("final_loss"), ".4f"),
             "loss parity": fmt_parity(p) if status == "ok" else "-",
             "tok/s": fmt_num(s.get("tokens_per_s")) + ("*" if s.get("timing_noisy") else ""),
-            "speed": "-" if s.get("speedup") is None else f"{s['speedup']:.2f}×" + ("†" if s.get("within_drift") else ""),
+            "speed": "-" if s.get("speedup") is None
+            else f"{s['speedup']:.2f}×" + ("†" if s.get("within_drift") else ""),
             "ms/step": "-" if s.get("step_s") is None else f"{s['step_s'] * 1000:,.0f}",
             "peak mem": fmt_bytes(s.get("peak_memory_bytes")),
             "mem": "-" if s.get("memory_ratio") is None else f"{s['memory_ratio']:.2f}×",
