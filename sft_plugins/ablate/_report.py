@@ -64,6 +64,13 @@ def tolerance_of(arm: Mapping[str, Any], infos: Mapping[str, Mapping[str, Any]])
     return max(tols), ""
 
 
+def rel_loss_diffs(arm: Mapping[str, Any], base: Mapping[str, Any]) -> list[float]:
+    """|loss - baseline loss| / |baseline loss| at every step both logged."""
+    ref = {s["step"]: s["loss"] for s in base.get("steps", []) if s.get("loss") is not None}
+    return [abs(s["loss"] - ref[s["step"]]) / max(abs(ref[s["step"]]), 1e-12)
+            for s in arm.get("steps", []) if s.get("loss") is not None and s["step"] in ref]
+
+
 def parity(arm: Mapping[str, Any], base: Mapping[str, Any] | None, infos: Mapping[str, Mapping[str, Any]],
            bf16: bool) -> dict[str, Any]:
     """Max relative per-step loss difference to the baseline, and the verdict against the promise."""
@@ -75,9 +82,7 @@ def parity(arm: Mapping[str, Any], base: Mapping[str, Any] | None, infos: Mappin
     if base is None or base.get("status") != "ok":
         out["note"] = "no baseline to compare with"
         return out
-    ref = {s["step"]: s["loss"] for s in base.get("steps", []) if s.get("loss") is not None}
-    diffs = [abs(s["loss"] - ref[s["step"]]) / max(abs(ref[s["step"]]), 1e-12)
-             for s in arm.get("steps", []) if s.get("loss") is not None and s["step"] in ref]
+    diffs = rel_loss_diffs(arm, base)
     if diffs:
         out["max_rel_diff"] = max(diffs)
         out["steps_compared"] = len(diffs)
@@ -100,9 +105,7 @@ def drift(base: Mapping[str, Any], again: Mapping[str, Any], skip_steps: int) ->
     (``drift``: relative change in tokens/s), and whether the same run gave the same losses."""
     s = summarize(again, skip_steps)
     first = (base.get("summary") or {}).get("tokens_per_s")
-    ref = {st["step"]: st["loss"] for st in base.get("steps", []) if st.get("loss") is not None}
-    diffs = [abs(st["loss"] - ref[st["step"]]) / max(abs(ref[st["step"]]), 1e-12)
-             for st in again.get("steps", []) if st.get("loss") is not None and st["step"] in ref]
+    diffs = rel_loss_diffs(again, base)
     return {"status": again.get("status"), "error": again.get("error"), "summary": s, "steps": again.get("steps", []),
             "drift": s["tokens_per_s"] / first - 1 if s["tokens_per_s"] and first else None,
             "max_rel_loss_diff": max(diffs) if diffs else None}
