@@ -20,7 +20,7 @@ def trl_yaml(local_model_and_chat, tmp_path_factory):
     root = tmp_path_factory.mktemp("abl")
     config = {"model_name_or_path": str(model_dir), "dataset_name": str(chat),
               "learning_rate": 5.0e-4, "lr_scheduler_type": "constant", "max_steps": 3,
-              "per_device_train_batch_size": 2, "max_length": 96, "assistant_only_loss": True, "seed": 3,
+              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 96, "assistant_only_loss": True, "seed": 3,
               "use_cpu": True, "bf16": False, "report_to": "none", "output_dir": str(root / "unused"),
               "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear",
               "plugins": ["padding_free", "fused_ce"], "plugin_options": {"padding_free": {"attention": "loop"}}}
@@ -35,6 +35,7 @@ def test_trl_yaml_becomes_the_ablation_workload(trl_yaml):
     assert values["trl_config"] == str(path.resolve()) and values["trl_values"] == config
     cfg = make_config(values)
     assert (cfg.steps, cfg.batch_size, cfg.max_length, cfg.seed, cfg.lora) == (3, 2, 96, 3, True)
+    assert (cfg.dataset, cfg.lora_r, cfg.lora_alpha) == (str(config["dataset_name"]), 4, 8)  # the file's, for the header
     assert cfg.config_plugins == ["padding_free", "fused_ce"]
 
 
@@ -49,6 +50,9 @@ def test_ablate_config_runs_the_users_setup_and_records_every_key(trl_yaml, tmp_
     assert all(a["status"] == "ok" and len(a["steps"]) == 3 for a in results["arms"])
     assert results["config"]["trl_values"] == config
     report = (out / "report.md").read_text()
+    header = report.splitlines()[2]  # the workload's first line names the file's dataset, LoRA and batch
+    assert f"dataset `{config['dataset_name']}`" in header and "LoRA r=4" in header, header
+    assert "batch 2 × grad-accum 2" in header, header
     for key, value in config.items():  # every field the file sets, with its value
         assert f"| `{key}` | `{json.dumps(value)}` |" in report
     spec = json.loads((out / "arms" / "padding_free" / "spec.json").read_text())

@@ -18,7 +18,8 @@ Measured per optimizer step (see docs/ablate.md):
 - ``cpu_s``: the process's CPU time (all threads) over the same interval: on a CPU shared with other
   work, it stays honest when wall time does not;
 - ``peak_memory_bytes``: ``torch.cuda.max_memory_allocated()`` on GPU, the process's peak RSS
-  (``ru_maxrss``) on CPU; both are high-water marks since the process started.
+  (``ru_maxrss``) on CPU: on GPU the high-water mark since training began (loading the model, a 4-bit one
+  especially, can peak higher than a step), on CPU since the process started.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def make_recorder(device: str, result: dict[str, Any]) -> Any:
             sync()
             self.last, self.last_cpu = time.perf_counter(), time.process_time()
             result["memory_at_train_begin_bytes"] = peak_memory(device)
+            if device == "cuda":  # the steps' peak, not the load's (a 4-bit load peaks above a QLoRA step)
+                torch.cuda.reset_peak_memory_stats()
             emit("train_begin")
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -259,7 +262,7 @@ def _setup(spec: dict[str, Any], result: dict[str, Any]) -> tuple[str, Any, bool
     dtype = torch.bfloat16 if bf16 else torch.float32
     result.update(device=device, dtype=str(dtype).removeprefix("torch."), bf16=bf16,
                   device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
-                  memory_kind="cuda max_memory_allocated" if device == "cuda" else "process peak RSS",
+                  memory_kind="cuda max_memory_allocated since train begin" if device == "cuda" else "process peak RSS",
                   versions=_versions())
     return device, dtype, bf16
 

@@ -248,15 +248,18 @@ def trl_config_values(path: pathlib.Path, data: Mapping[str, Any]) -> dict[str, 
     from ..train._config import TrainConfigError, parse
 
     try:
-        script_args, sft_args, model_args, _, plugin_args = parse(["--config", str(path)])
+        script_args, sft_args, model_args, dataset_args, plugin_args = parse(["--config", str(path)])
         options = plugin_args.options()
     except TrainConfigError as exc:
         raise ConfigError(str(exc)) from None
     values: dict[str, Any] = {"trl_config": str(path.resolve()), "trl_values": dict(data),
                               "config_plugins": plugin_args.names() or None, "plugin_options": options,
-                              "model": model_args.model_name_or_path or "tiny", "dataset": None,
+                              "model": model_args.model_name_or_path or "tiny",
+                              "dataset": script_args.dataset_name or _mixture_words(dataset_args),
                               "batch_size": sft_args.per_device_train_batch_size, "lora": bool(model_args.use_peft),
                               "seed": sft_args.seed}
+    if model_args.use_peft:  # the report's header names the file's LoRA, not ablate's defaults
+        values.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha)
     if sft_args.max_length:
         values["max_length"] = sft_args.max_length
     if "learning_rate" in data:
@@ -265,6 +268,11 @@ def trl_config_values(path: pathlib.Path, data: Mapping[str, Any]) -> dict[str, 
         values["steps"] = sft_args.max_steps
     values["trainer"] = "sft"
     return values
+
+
+def _mixture_words(dataset_args: Any) -> str | None:
+    """The mixture's dataset paths (TRL's ``datasets:`` list), or None for the embedded default."""
+    return " + ".join(d.path for d in dataset_args.datasets or []) or None
 
 
 def make_config(values: Mapping[str, Any] | None = None, **overrides: Any) -> AblationConfig:

@@ -259,6 +259,11 @@ def _dataset_words(cfg: Mapping[str, Any]) -> str:
     return f"`{cfg.get('dataset') or 'generated (sft_plugins.embedded)'}`"
 
 
+def _batch_words(cfg: Mapping[str, Any]) -> str:
+    accumulation = (cfg.get("trl_values") or {}).get("gradient_accumulation_steps") or 1
+    return f"{cfg['batch_size']}" + (f" × grad-accum {accumulation}" if accumulation > 1 else "")
+
+
 def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     cfg, env = results["config"], results["environment"]
     data = rows(results)
@@ -267,7 +272,7 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         "",
         f"Model `{cfg['model']}` ({'LoRA r=%d' % cfg['lora_r'] if cfg['lora'] else 'full fine-tuning'}), "
         f"dataset {_dataset_words(cfg)}, trainer `{cfg['trainer']}`, "
-        f"{cfg['steps']} steps × batch {cfg['batch_size']}, max length {cfg['max_length']}, "
+        f"{cfg['steps']} steps × batch {_batch_words(cfg)}, max length {cfg['max_length']}, "
         f"lr {cfg['lr']:g}, seed {cfg['seed']}.",
         f"Device: {env.get('device_name') or env.get('device')} ({env.get('dtype')}); "
         + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()) + ".",
