@@ -20,7 +20,8 @@ class ProgressView:
         self.enabled = enabled
         self.skip = skip_steps
         self.progress = Progress(TextColumn("{task.fields[mark]}"), TextColumn("{task.description:<28}"),
-                                 BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                 BarColumn(bar_width=24), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                                 TimeElapsedColumn(),
                                  console=self.console, disable=not enabled, transient=False)
         self.tasks = {}
         for i, name in enumerate(arm_names, 1):
