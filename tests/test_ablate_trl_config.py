@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from sft_plugins.ablate import ConfigError, make_config
-from sft_plugins.ablate._config import load_yaml
+from sft_plugins.ablate._config import load_yaml, parse_args
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,8 @@ def trl_yaml(local_model_and_chat, tmp_path_factory):
     root = tmp_path_factory.mktemp("abl")
     config = {"model_name_or_path": str(model_dir), "dataset_name": str(chat),
               "learning_rate": 5.0e-4, "lr_scheduler_type": "constant", "max_steps": 3,
-              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 96, "assistant_only_loss": True, "seed": 3,
+              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "max_length": 96,
+              "assistant_only_loss": True, "seed": 3,
               "use_cpu": True, "bf16": False, "report_to": "none", "output_dir": str(root / "unused"),
               "use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_target_modules": "all-linear",
               "plugins": ["padding_free", "fused_ce"], "plugin_options": {"padding_free": {"attention": "loop"}}}
@@ -35,7 +36,8 @@ def test_trl_yaml_becomes_the_ablation_workload(trl_yaml):
     assert values["trl_config"] == str(path.resolve()) and values["trl_values"] == config
     cfg = make_config(values)
     assert (cfg.steps, cfg.batch_size, cfg.max_length, cfg.seed, cfg.lora) == (3, 2, 96, 3, True)
-    assert (cfg.dataset, cfg.lora_r, cfg.lora_alpha) == (str(config["dataset_name"]), 4, 8)  # the file's, for the header
+    # the header names the file's dataset, LoRA and accumulation, not ablate's defaults
+    assert (cfg.dataset, cfg.lora_r, cfg.lora_alpha, cfg.grad_accum) == (str(config["dataset_name"]), 4, 8, 2)
     assert cfg.config_plugins == ["padding_free", "fused_ce"]
 
 
@@ -43,7 +45,8 @@ def test_ablate_config_runs_the_users_setup_and_records_every_key(trl_yaml, tmp_
     path, config = trl_yaml
     out = tmp_path / "report"
     run = subprocess.run([sys.executable, "-m", "sft_plugins.cli", "ablate", "--config", str(path), "--arms",
-                          "padding_free", "--output-dir", str(out)], capture_output=True, text=True, timeout=900)
+                          "padding_free", "--output-dir", str(out), "--learning_rate", "6e-4"],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert [a["name"] for a in results["arms"]] == ["baseline", "padding_free"]
@@ -55,9 +58,25 @@ def test_ablate_config_runs_the_users_setup_and_records_every_key(trl_yaml, tmp_
     assert "batch 2 × grad-accum 2" in header, header
     for key, value in config.items():  # every field the file sets, with its value
         assert f"| `{key}` | `{json.dumps(value)}` |" in report
+    assert "Overridden by the flags `--learning_rate 6e-4`." in report
     spec = json.loads((out / "arms" / "padding_free" / "spec.json").read_text())
-    assert spec["trl_config"] == str(path.resolve())
+    assert spec["trl_config"] == str(path.resolve()) and spec["trl_flags"] == ["--learning_rate", "6e-4"]
+    assert results["config"]["lr"] == 6e-4
     assert results["arms"][1]["parity"]["verdict"] == "pass"
+
+
+def test_trl_flags_override_the_file_as_on_train(trl_yaml, tmp_path):
+    path, _ = trl_yaml
+    cfg = parse_args(["--config", str(path), "--steps", "2", "--lora_r", "8", "--learning_rate", "1e-4"])
+    assert (cfg.steps, cfg.lora_r, cfg.lr, cfg.trl_flags) == (2, 8, 1e-4, ["--lora_r", "8", "--learning_rate", "1e-4"])
+    with pytest.raises(ConfigError, match="learnin_rate"):  # a misspelt TRL flag is refused, not dropped
+        parse_args(["--config", str(path), "--learnin_rate", "1e-4"])
+    with pytest.raises(ConfigError, match="unrecognized arguments: --learning_rate"):  # no `trl sft` file
+        parse_args(["--steps", "2", "--learning_rate", "1e-4"])
+    own = tmp_path / "own.yaml"
+    own.write_text("steps: 2\n")
+    with pytest.raises(ConfigError, match="apply only with a `trl sft` config"):
+        parse_args(["--config", str(own), "--learning_rate", "1e-4"])
 
 
 def test_arms_named_twice_are_refused():

@@ -286,7 +286,7 @@ def trl_config_kwargs(spec: dict[str, Any], out_dir: pathlib.Path) -> dict[str, 
     from sft_plugins.train import trainer_inputs
     from sft_plugins.train._config import parse
 
-    script_args, args, model_args, dataset_args, _ = parse(["--config", spec["trl_config"]])
+    script_args, args, model_args, dataset_args, _ = parse(["--config", spec["trl_config"], *spec.get("trl_flags", [])])
     args = dataclasses.replace(args, max_steps=spec["steps"], save_strategy="no", logging_steps=1,
                                output_dir=str(out_dir), run_name=spec["arm"], disable_tqdm=True,
                                eval_strategy="no", push_to_hub=False)

@@ -73,6 +73,8 @@ class AblationConfig:
     repeat_baseline: bool | None = None      # run the baseline again after the last arm; None: on a GPU
     trl_config: str | None = None            # a `trl sft` YAML (+ plugins/plugin_options): the workload comes from it
     trl_values: dict[str, Any] = field(default_factory=dict)  # that file's keys, as set (recorded in the report)
+    trl_flags: list[str] = field(default_factory=list)  # `trl sft` flags after the file (--learning_rate 1e-4 ...)
+    grad_accum: int = 1                      # the file's gradient_accumulation_steps (the report's header)
     config_plugins: list[str] | None = None  # the file's `plugins:` (the arms default to them)
     workload_given: bool = False             # the user named model/data/shape; else a GPU gets GPU_WORKLOAD
 
@@ -207,8 +209,9 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The keys of a YAML config file (dashes or underscores), validated against AblationConfig."""
+def load_yaml(path: str | os.PathLike[str], trl_flags: Sequence[str] = ()) -> dict[str, Any]:
+    """The keys of a YAML config file (dashes or underscores), validated against AblationConfig; for a `trl sft`
+    config, ``trl_flags`` override the file as on ``sft-plugins train``."""
     from ..train._config import TrainConfigError, read_config_file
 
     p = pathlib.Path(path)
@@ -219,7 +222,10 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except TrainConfigError as exc:
         raise ConfigError(str(exc)) from None
     if is_trl_config(data):
-        return trl_config_values(p, data)
+        return trl_config_values(p, data, trl_flags)
+    if trl_flags:
+        raise ConfigError(f"unrecognized arguments: {' '.join(trl_flags)} (flags of `trl sft` apply only with a "
+                          "`trl sft` config file)")
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -231,7 +237,7 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-_TRL_ONLY_FIELDS = {"trl_config", "trl_values", "config_plugins", "workload_given"}
+_TRL_ONLY_FIELDS = {"trl_config", "trl_values", "trl_flags", "grad_accum", "config_plugins", "workload_given"}
 _OWN_KEYS = set(_FIELDS) - _TRL_ONLY_FIELDS
 # keys that only a TRL SFT config has: one of them makes the file a `trl sft` config
 _TRL_MARKERS = {"model_name_or_path", "dataset_name", "datasets", "learning_rate", "per_device_train_batch_size",
@@ -242,27 +248,28 @@ def is_trl_config(data: Mapping[str, Any]) -> bool:
     return bool(_TRL_MARKERS & set(data)) and not {"model", "arms", "steps"} & set(data)
 
 
-def trl_config_values(path: pathlib.Path, data: Mapping[str, Any]) -> dict[str, Any]:
-    """AblationConfig values for a `trl sft` config file: checked with the train command's parser (unknown
-    keys with the closest names, TRL's own validation), recorded as set; the workload stays in the file."""
+def trl_config_values(path: pathlib.Path, data: Mapping[str, Any], flags: Sequence[str] = ()) -> dict[str, Any]:
+    """AblationConfig values for a `trl sft` config file and the flags that override it: checked with the train
+    command's parser (unknown keys with the closest names, TRL's own validation), recorded as set; each arm
+    parses the same file and flags again."""
     from ..train._config import TrainConfigError, parse
 
     try:
-        script_args, sft_args, model_args, dataset_args, plugin_args = parse(["--config", str(path)])
+        script_args, sft_args, model_args, dataset_args, plugin_args = parse(["--config", str(path), *flags])
         options = plugin_args.options()
     except TrainConfigError as exc:
         raise ConfigError(str(exc)) from None
-    values: dict[str, Any] = {"trl_config": str(path.resolve()), "trl_values": dict(data),
+    values: dict[str, Any] = {"trl_config": str(path.resolve()), "trl_values": dict(data), "trl_flags": list(flags),
                               "config_plugins": plugin_args.names() or None, "plugin_options": options,
                               "model": model_args.model_name_or_path or "tiny",
                               "dataset": script_args.dataset_name or _mixture_words(dataset_args),
                               "batch_size": sft_args.per_device_train_batch_size, "lora": bool(model_args.use_peft),
-                              "seed": sft_args.seed}
+                              "seed": sft_args.seed, "grad_accum": sft_args.gradient_accumulation_steps}
     if model_args.use_peft:  # the report's header names the file's LoRA, not ablate's defaults
         values.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha)
     if sft_args.max_length:
         values["max_length"] = sft_args.max_length
-    if "learning_rate" in data:
+    if "learning_rate" in data or "--learning_rate" in flags:
         values["lr"] = float(sft_args.learning_rate)
     if sft_args.max_steps and sft_args.max_steps > 0:
         values["steps"] = sft_args.max_steps
@@ -296,7 +303,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
-        prog="sft-plugins ablate",
+        prog="sft-plugins ablate", allow_abbrev=False,  # a `trl sft` flag must never match an ablate flag's prefix
         description="A/B ablation of sft_plugins: every arm trains in a fresh process with the same seed, data "
                     "order and hyperparameters. With no options: the embedded tiny model and generated data, "
                     "baseline + every built-in plugin, on cuda if available else cpu.")
@@ -304,7 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.yaml", default=S,
                    help="YAML with the keys below (underscores), or a `trl sft` config with plugins/plugin_options "
                         "(then model, data and every SFTConfig field come from it; the flags below that set the "
-                        "workload are ignored, steps/arms/output/timeout still apply)")
+                        "workload are ignored, steps/arms/output/timeout still apply). Flags of `trl sft` after it "
+                        "override the file, as on `sft-plugins train`: --model_name_or_path ./model "
+                        "--learning_rate 1e-4")
     p.add_argument("--model", default=S, help="preset (tiny, llama-3.2-1b-shape, smollm2-135m, ...), hub id or path")
     p.add_argument("--dataset", default=S, help=f"local .json/.jsonl/.parquet, a datasets hub id, '{LONG_TAIL}' "
                    "(generated token rows, SFT-like lengths up to --max-length), or omit for generated chat")
@@ -345,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str]) -> AblationConfig:
     """defaults < --config FILE.yaml < command-line flags."""
-    ns = vars(build_parser().parse_args(list(argv)))
-    values = load_yaml(ns.pop("config")) if "config" in ns else {}
+    parsed, trl_flags = build_parser().parse_known_args(list(argv))
+    ns = vars(parsed)
+    if "config" not in ns and trl_flags:
+        raise ConfigError(f"unrecognized arguments: {' '.join(trl_flags)}")
+    values = load_yaml(ns.pop("config"), trl_flags) if "config" in ns else {}
     return make_config(values, **{k: _coerce(k, v) for k, v in ns.items()})

@@ -260,7 +260,7 @@ def _dataset_words(cfg: Mapping[str, Any]) -> str:
 
 
 def _batch_words(cfg: Mapping[str, Any]) -> str:
-    accumulation = (cfg.get("trl_values") or {}).get("gradient_accumulation_steps") or 1
+    accumulation = cfg.get("grad_accum") or 1
     return f"{cfg['batch_size']}" + (f" × grad-accum {accumulation}" if accumulation > 1 else "")
 
 
@@ -290,6 +290,8 @@ def markdown(results: Mapping[str, Any], plots: Mapping[str, str]) -> str:
                   "every step, its own `output_dir` and `run_name`):", "", "| key | value |", "|---|---|"]
         lines += [f"| `{k}` | `{json.dumps(v, default=str)}` |" for k, v in (cfg.get("trl_values") or {}).items()]
         lines += [""]
+        if cfg.get("trl_flags"):
+            lines += [f"Overridden by the flags `{' '.join(cfg['trl_flags'])}`.", ""]
     if data:
         keys = list(data[0].keys())
         lines += ["| " + " | ".join(keys) + " |",

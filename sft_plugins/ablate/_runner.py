@@ -122,6 +122,7 @@ def base_spec(config: AblationConfig) -> dict[str, Any]:
         "max_length": config.max_length, "lr": config.resolved_lr(), "seed": config.seed,
         "trainer": config.trainer, "lora": config.lora, "lora_r": config.lora_r, "lora_alpha": config.lora_alpha,
         "device": config.device, "load": dict(config.load), "trl_config": config.trl_config,
+        "trl_flags": list(config.trl_flags),
     }
 
 
