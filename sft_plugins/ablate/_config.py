@@ -269,8 +269,7 @@ def trl_config_values(path: pathlib.Path, data: Mapping[str, Any], flags: Sequen
         values.update(lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha)
     if sft_args.max_length:
         values["max_length"] = sft_args.max_length
-    if "learning_rate" in data or "--learning_rate" in flags:
-        values["lr"] = float(sft_args.learning_rate)
+    values["lr"] = float(sft_args.learning_rate)  # what the arms train with: the file's, a flag's or TRL's default
     if sft_args.max_steps and sft_args.max_steps > 0:
         values["steps"] = sft_args.max_steps
     values["trainer"] = "sft"
