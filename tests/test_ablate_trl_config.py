@@ -73,6 +73,13 @@ def test_trl_flags_override_the_file_as_on_train(trl_yaml, tmp_path):
         parse_args(["--config", str(path), "--learnin_rate", "1e-4"])
     with pytest.raises(ConfigError, match="unrecognized arguments: --learning_rate"):  # no `trl sft` file
         parse_args(["--steps", "2", "--learning_rate", "1e-4"])
+    # ablate's own workload flags mean the same `trl sft` flags there, so the arms see them too
+    cfg = parse_args(["--config", str(path), "--lr", "3e-4", "--seed", "7", "--batch-size", "4", "--full"])
+    assert (cfg.lr, cfg.seed, cfg.batch_size, cfg.lora) == (3e-4, 7, 4, False)
+    assert cfg.trl_flags == ["--use_peft", "false", "--per_device_train_batch_size", "4", "--learning_rate", "0.0003",
+                             "--seed", "7"]
+    with pytest.raises(ConfigError, match="--dataset-size does not apply"):
+        parse_args(["--config", str(path), "--dataset-size", "5"])
     own = tmp_path / "own.yaml"
     own.write_text("steps: 2\n")
     with pytest.raises(ConfigError, match="apply only with a `trl sft` config"):

@@ -309,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     S = argparse.SUPPRESS  # unset options stay out of the namespace, so YAML values are not overridden
     p.add_argument("--config", metavar="FILE.yaml", default=S,
                    help="YAML with the keys below (underscores), or a `trl sft` config with plugins/plugin_options "
-                        "(then model, data and every SFTConfig field come from it; the flags below that set the "
-                        "workload are ignored, steps/arms/output/timeout still apply). Flags of `trl sft` after it "
-                        "override the file, as on `sft-plugins train`: --model_name_or_path ./model "
-                        "--learning_rate 1e-4")
+                        "(then model, data and every SFTConfig field come from it, and the flags below that set the "
+                        "workload override it as the `trl sft` flags they mean: --lr is --learning_rate). Flags of "
+                        "`trl sft` after it override the file, as on `sft-plugins train`: --model_name_or_path "
+                        "./model --learning_rate 1e-4")
     p.add_argument("--model", default=S, help="preset (tiny, llama-3.2-1b-shape, smollm2-135m, ...), hub id or path")
     p.add_argument("--dataset", default=S, help=f"local .json/.jsonl/.parquet, a datasets hub id, '{LONG_TAIL}' "
                    "(generated token rows, SFT-like lengths up to --max-length), or omit for generated chat")
@@ -351,11 +351,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# With a `trl sft` config the file holds the workload, which every arm parses again: ablate's own workload flags
+# become the `trl sft` flags they mean, rather than values the arms would never read.
+_AS_TRL_FLAG = {"model": "--model_name_or_path", "dataset": "--dataset_name", "dataset_split": "--dataset_train_split",
+                "lora": "--use_peft", "lora_r": "--lora_r", "lora_alpha": "--lora_alpha",
+                "batch_size": "--per_device_train_batch_size", "max_length": "--max_length", "lr": "--learning_rate",
+                "seed": "--seed"}
+_NOT_WITH_TRL = ("dataset_size", "trainer")
+
+
+def _as_trl_flags(ns: dict[str, Any]) -> list[str]:
+    """Pops ablate's workload flags from ``ns``, as `trl sft` flags."""
+    refused = [k for k in _NOT_WITH_TRL if k in ns]
+    if refused:
+        raise ConfigError(f"--{refused[0].replace('_', '-')} does not apply with a `trl sft` config: the file sets the "
+                          "workload (its dataset, and SFTTrainer)")
+    flags: list[str] = []
+    for key, flag in _AS_TRL_FLAG.items():
+        if key in ns:
+            value = ns.pop(key)
+            flags += [flag, str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
 def parse_args(argv: Sequence[str]) -> AblationConfig:
     """defaults < --config FILE.yaml < command-line flags."""
     parsed, trl_flags = build_parser().parse_known_args(list(argv))
     ns = vars(parsed)
     if "config" not in ns and trl_flags:
         raise ConfigError(f"unrecognized arguments: {' '.join(trl_flags)}")
-    values = load_yaml(ns.pop("config"), trl_flags) if "config" in ns else {}
+    values = load_yaml(ns["config"], trl_flags) if "config" in ns else {}
+    if values.get("trl_config"):
+        translated = _as_trl_flags(ns)
+        if translated:
+            values = load_yaml(ns["config"], [*trl_flags, *translated])
+    ns.pop("config", None)
     return make_config(values, **{k: _coerce(k, v) for k, v in ns.items()})
