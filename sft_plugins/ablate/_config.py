@@ -212,15 +212,22 @@ def _coerce(name: str, value: Any) -> Any:
 def load_yaml(path: str | os.PathLike[str], trl_flags: Sequence[str] = ()) -> dict[str, Any]:
     """The keys of a YAML config file (dashes or underscores), validated against AblationConfig; for a `trl sft`
     config, ``trl_flags`` override the file as on ``sft-plugins train``."""
+    return _config_values(*_read_config(path), trl_flags)
+
+
+def _read_config(path: str | os.PathLike[str]) -> tuple[pathlib.Path, dict[str, Any]]:
     from ..train._config import TrainConfigError, read_config_file
 
     p = pathlib.Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = read_config_file(p)
+        return p, read_config_file(p)
     except TrainConfigError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _config_values(p: pathlib.Path, data: Mapping[str, Any], trl_flags: Sequence[str]) -> dict[str, Any]:
     if is_trl_config(data):
         return trl_config_values(p, data, trl_flags)
     if trl_flags:
@@ -232,7 +239,7 @@ def load_yaml(path: str | os.PathLike[str], trl_flags: Sequence[str] = ()) -> di
         if name == "full":  # the CLI's --full, for symmetry
             name, value = "lora", not value
         if name not in _FIELDS or name in _TRL_ONLY_FIELDS:
-            raise ConfigError(f"config file {str(path)!r}: unknown key {key!r}; keys: {', '.join(sorted(_OWN_KEYS))}")
+            raise ConfigError(f"config file {str(p)!r}: unknown key {key!r}; keys: {', '.join(sorted(_OWN_KEYS))}")
         out[name] = _coerce(name, value)
     return out
 
@@ -378,12 +385,12 @@ def parse_args(argv: Sequence[str]) -> AblationConfig:
     """defaults < --config FILE.yaml < command-line flags."""
     parsed, trl_flags = build_parser().parse_known_args(list(argv))
     ns = vars(parsed)
-    if "config" not in ns and trl_flags:
+    values: dict[str, Any] = {}
+    if "config" in ns:
+        path, data = _read_config(ns.pop("config"))
+        if is_trl_config(data):
+            trl_flags = [*trl_flags, *_as_trl_flags(ns)]
+        values = _config_values(path, data, trl_flags)
+    elif trl_flags:
         raise ConfigError(f"unrecognized arguments: {' '.join(trl_flags)}")
-    values = load_yaml(ns["config"], trl_flags) if "config" in ns else {}
-    if values.get("trl_config"):
-        translated = _as_trl_flags(ns)
-        if translated:
-            values = load_yaml(ns["config"], [*trl_flags, *translated])
-    ns.pop("config", None)
     return make_config(values, **{k: _coerce(k, v) for k, v in ns.items()})
