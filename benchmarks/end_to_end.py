@@ -64,7 +64,7 @@ from sft_plugins.ablate._runner import run_arm_subprocess
 T_START = time.time()
 ROOT = _common.ROOT
 CHILD = Path(__file__).resolve().parent / "_e2e_arms.py"
-TARGET_SPEEDUP = 1.2
+TARGET_SPEEDUP = 1.5  # ours all five vs the best peer, at no more peak memory than it
 ALL = ["packing", "padding_free", "fused_ce", "smart_checkpointing", "adamw_8bit"]
 FULL_FT_LR = 2e-5
 LEAN = {"mlp_chunks": 8, "keep_last_on_gpu": 0}
