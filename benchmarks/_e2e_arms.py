@@ -201,7 +201,8 @@ def summarise(meter: Any, spec: dict[str, Any], fm: dict[str, Any], result: dict
                                     / flops, 4) if flops else None,
         flops_model=fm)
     if meter.prof is not None:
-        result["profile"] = profile_summary(meter.prof, spec)
+        walls = [r["time_s"] for r in meter.rows if r["step"] > steps]
+        result["profile"] = profile_summary(meter.prof, spec, walls)
     if meter.memory is not None:
         result["memory_at_peak"] = meter.memory
 
@@ -251,8 +252,9 @@ def _trl_tokens(rows: list[dict[str, Any]], warmup: int, steps: int) -> float | 
     return round((b - a) / (steps - warmup), 1)
 
 
-def profile_summary(prof: Any, spec: dict[str, Any]) -> dict[str, Any]:
-    """Where the device time of the profiled steps went: top kernels/ops and coarse categories."""
+def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float]) -> dict[str, Any]:
+    """Where the device time of the profiled steps went: top kernels/ops, coarse categories, the plugins'
+    ranges, and how much of each step's wall time the device was busy at all."""
     events = prof.key_averages()
 
     def dev(e: Any) -> float:
@@ -260,8 +262,10 @@ def profile_summary(prof: Any, spec: dict[str, Any]) -> dict[str, Any]:
 
     cuda = spec["device"] == "cuda"
     key = (lambda e: dev(e)) if cuda else (lambda e: float(e.self_cpu_time_total))
-    if cuda:  # kernels only: an aten op's self device time is its kernels' time again
-        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")] or list(events)
+    if cuda:  # kernels only: an aten op's self device time is its kernels' time again, and a range's
+        # device-side span (a user annotation) covers its kernels again; torch's own totals skip both
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+                  and not getattr(e, "is_user_annotation", False)] or list(events)
     top = sorted(events, key=key, reverse=True)[:30]
     cats: dict[str, float] = {}
     for e in events:
@@ -277,6 +281,7 @@ def profile_summary(prof: Any, spec: dict[str, Any]) -> dict[str, Any]:
            "total_ms": round(total / 1e3, 2),
            "categories_ms": {k: round(v / 1e3, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
            "ranges_ms": range_times(prof, cuda),
+           **(device_busy(prof, step_walls_s) if cuda else {}),
            "top": [{"name": e.key[:120], "ms": round(key(e) / 1e3, 3), "calls": e.count} for e in top]}
     pdir = spec.get("profile_dir")
     if pdir:
@@ -309,8 +314,10 @@ def range_times(prof: Any, cuda: bool) -> dict[str, float]:
 
     times: dict[str, float] = {}
     for event in prof.events():
-        if event.name.startswith("sft_plugins."):
+        if str(event.device_type).endswith("CUDA"):  # kernels and device-side spans: counted via their op
             continue
+        # a range's own kernels are those launched in it outside any op (Triton's launcher); off CUDA its
+        # self time is the host work it did itself
         if cuda:
             spent = sum(k.duration for k in getattr(event, "kernels", []))
         else:
@@ -319,6 +326,25 @@ def range_times(prof: Any, cuda: bool) -> dict[str, float]:
             key = owner(event)
             times[key] = times.get(key, 0.0) + spent
     return {k: round(v / 1e3, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
+def device_busy(prof: Any, step_walls_s: list[float]) -> dict[str, Any]:
+    """Per profiled step: its wall time, the time at least one kernel or copy ran on the device (the union
+    of their intervals over all streams, so overlapped copies count once) and the rest, the host gaps."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    if not step_walls_s:
+        return {}
+    n = len(step_walls_s)
+    wall_ms, busy_ms = 1e3 * sum(step_walls_s) / n, busy / 1e3 / n
+    return {"step_wall_ms": round(wall_ms, 1), "device_busy_ms": round(busy_ms, 1),
+            "host_gap_ms": round(max(0.0, wall_ms - busy_ms), 1)}
 
 
 def _oom(exc: BaseException) -> bool:
