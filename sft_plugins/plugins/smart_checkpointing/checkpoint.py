@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..shared import is_dtensor, is_fsdp_module, profile_range
 from .budget import saved_bytes_counter
+from .lean_mlp import output_unused, output_unused_in_recompute
 from .offload import Offloader
 
 
@@ -87,7 +88,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if measurement is not None:  # memory_budget: what one layer saves when it keeps its activations
                 hooks, seen = saved_bytes_counter(list(ctx.plan.layer.parameters()) if ctx.plan.layer else [])
                 stack.enter_context(hooks)
-            with torch.enable_grad(), profile_range("sft_plugins.recompute"):
+            skip = ctx.plan.layer is not None and output_unused_in_recompute(ctx.plan.layer)
+            with torch.enable_grad(), profile_range("sft_plugins.recompute"), output_unused(skip):
                 out = ctx.run(x)
             if measurement is not None:
                 tokens = max(1, x[..., 0].numel())

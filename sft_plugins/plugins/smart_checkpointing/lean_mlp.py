@@ -14,12 +14,21 @@ quarter of the tokens on long inputs). Peak: 2¼ such tensors instead of ~8, the
 (results equal to eager up to rounding order; chunked weight gradients are summed in fp32).
 
 Used only where a graph is built (the recompute); anything else falls back to the module's own forward.
+
+In a layer's recompute the MLP's output is only the root its gradient is fed into when the layer returns
+``residual + mlp(...)`` (the backward of a sum does not read its operands): there the down projection's base
+GEMM, a third of the MLP's forward work, is skipped and the output is zeros, while the product and its LoRA
+``A`` products the weight gradients need are still made (``output_unused_in_recompute``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable
+import inspect
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,7 +75,7 @@ def _row_chunks(n: int) -> list[slice]:
 
 class _LeanSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, projs: tuple[Projection, Projection, Projection],
+    def forward(ctx: Any, x: torch.Tensor, projs: tuple[Projection, Projection, Projection], skip_output: bool,
                 *ts: torch.Tensor) -> torch.Tensor:
         cd = compute_dtype(x)
         gate, up, down = projs
@@ -74,15 +83,22 @@ class _LeanSwiGLU(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
             e, xa_g = linear(x2, gate, ts, cd)
             g, xa_u = linear(x2, up, ts, cd)
-            w_down = base_weight(down, ts, cd)
-            y = x2.new_empty((x2.shape[0], w_down.shape[0]), dtype=cd)
             xa_parts: list[list[torch.Tensor]] = []
-            for rows in _row_chunks(x2.shape[0]):
-                h = swiglu_forward(e[rows], g[rows])
-                xa_parts.append(linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
-                del h
+            if skip_output:  # nobody reads the output: make only what the backward needs (the width is x's)
+                y = x2.new_zeros(x2.shape, dtype=cd)
+                for rows in _row_chunks(x2.shape[0]):
+                    h = swiglu_forward(e[rows], g[rows])
+                    xa_parts.append([h @ ts[ia].to(cd).t() for ia, _, _ in down.loras])
+                    del h
+            else:
+                w_down = base_weight(down, ts, cd)
+                y = x2.new_empty((x2.shape[0], w_down.shape[0]), dtype=cd)
+                for rows in _row_chunks(x2.shape[0]):
+                    h = swiglu_forward(e[rows], g[rows])
+                    xa_parts.append(linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
+                    del h
+                del w_down
             xa_d = [torch.cat(parts) for parts in zip(*xa_parts)]
-            del w_down
         ctx.projs, ctx.cd, ctx.x_dtype, ctx.x_shape = projs, cd, x.dtype, x.shape
         ctx.n_lora = (len(xa_g), len(xa_u), len(xa_d))
         ctx.save_for_backward(x2, e, g, *xa_g, *xa_u, *xa_d, *ts)
@@ -100,7 +116,7 @@ class _LeanSwiGLU(torch.autograd.Function):
         xa_g, xa_u, xa_d, ts = rest[:ng], rest[ng:ng + nu], rest[ng + nu:ng + nu + nd], rest[ng + nu + nd:]
         gate, up, down = ctx.projs
         cd = ctx.cd
-        need = list(ctx.needs_input_grad[2:])
+        need = list(ctx.needs_input_grad[3:])
         grads: list[Any] = [None] * len(ts)
         with manual_region(dy.device.type, "sft_plugins.lean_mlp"):
             dy2 = dy.reshape(-1, dy.shape[-1]).to(cd)
@@ -123,7 +139,7 @@ class _LeanSwiGLU(torch.autograd.Function):
             if dx is not None:
                 dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         grads = [None if grad is None else grad.to(t.dtype) for grad, t in zip(grads, ts)]
-        return (dx, None, *grads)
+        return (dx, None, None, *grads)
 
 
 def make_lean_forward(mlp: torch.nn.Module) -> Callable[..., Any] | None:
@@ -143,6 +159,47 @@ def make_lean_forward(mlp: torch.nn.Module) -> Callable[..., Any] | None:
         projs, ts = plan
         if not (x.requires_grad or any(t.requires_grad for t in ts)):
             return inner(x)
-        return _LeanSwiGLU.apply(x, projs, *ts)
+        skip_output = _OUTPUT_UNUSED.get() and not _has_forward_hooks(mlp)
+        return _LeanSwiGLU.apply(x, projs, skip_output, *ts)
 
     return lean_forward
+
+
+# True while a layer whose output is ``residual + mlp(...)`` is recomputed (set by the checkpoint around it)
+_OUTPUT_UNUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("lean_mlp_output_unused", default=False)
+# the end of transformers' Llama-style decoder layer forward (Llama, Mistral, Qwen2/3 and their copies)
+_RESIDUAL_RETURN = re.compile(r"hidden_states=self\.mlp\(hidden_states\)hidden_states=residual\+hidden_states"
+                              r"returnhidden_states$")
+
+
+def _has_forward_hooks(module: torch.nn.Module) -> bool:
+    """A forward hook would see the output (zeros when skipped); global hooks count too."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or torch_module._global_forward_hooks)
+
+
+@functools.lru_cache(maxsize=None)
+def _returns_residual_plus_mlp(layer_type: type) -> bool:
+    try:
+        source = inspect.getsource(layer_type.forward)
+    except (OSError, TypeError):
+        return False
+    code = "".join(line.split("#")[0].strip() for line in source.splitlines()).replace(" ", "")
+    return _RESIDUAL_RETURN.search(code) is not None
+
+
+def output_unused_in_recompute(layer: torch.nn.Module) -> bool:
+    """Whether the layer's recompute may skip its MLP's output: its forward ends ``hidden_states =
+    self.mlp(hidden_states); hidden_states = residual + hidden_states; return hidden_states`` (checked on the
+    source) and no forward hook would read the layer's output."""
+    return _returns_residual_plus_mlp(type(layer)) and not _has_forward_hooks(layer)
+
+
+@contextlib.contextmanager
+def output_unused(active: bool) -> Iterator[None]:
+    token = _OUTPUT_UNUSED.set(active)
+    try:
+        yield
+    finally:
+        _OUTPUT_UNUSED.reset(token)

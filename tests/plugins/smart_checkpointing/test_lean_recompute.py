@@ -161,3 +161,45 @@ def test_gpu_lean_norm_bf16_lora_same_loss_less_memory(tok):
         assert abs(a - b) <= 2e-2 * abs(a)
     unit = tokens * hidden * 4  # one fp32 [tokens, hidden] tensor
     assert mlp_peak - both_peak >= unit, (mlp_peak / unit, both_peak / unit)
+
+
+def _down_gemms_in_recompute(monkeypatch):
+    """Counts the lean MLP's full down-projection GEMMs (``linear`` called with ``out=``) per recompute."""
+    calls = []
+    linear = lean_mlp.linear
+    monkeypatch.setattr(lean_mlp, "linear",
+                        lambda *a, **k: (calls.append("out" in k), linear(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_recompute_skips_the_mlp_output_nobody_reads(tok, lora, monkeypatch):
+    """A Llama layer returns ``residual + mlp(...)``: its recompute makes the MLP's gate/up products and the
+    down projection's LoRA inputs but not its output, with the same losses and gradients."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    assert lean_mlp._returns_residual_plus_mlp(LlamaDecoderLayer)
+    calls = _down_gemms_in_recompute(monkeypatch)
+    opts = {"offload": "always", "lean_mlp": True, "mlp_chunks": 0}
+    assert_same(run(tok, lora=lora, dropout=0.1, steps=4), run(tok, opts, lora=lora, dropout=0.1, steps=4))
+    assert calls and not any(calls)  # gate and up only: no down projection output was made
+
+
+def test_recompute_keeps_the_mlp_output_where_it_may_be_read(tok, monkeypatch):
+    """A forward hook on the MLP or on the layer (it would see the output), or a layer whose forward does not
+    end in ``residual + mlp(...)`` (Gemma's post-MLP norm reads it): the output is made, as before."""
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2DecoderLayer
+
+    assert not lean_mlp._returns_residual_plus_mlp(Gemma2DecoderLayer)
+    calls = _down_gemms_in_recompute(monkeypatch)
+    model = make_model(tok)
+    seen = []
+    model.model.layers[1].mlp.register_forward_hook(lambda mod, args, out: seen.append(out.abs().sum().item()))
+    model.model.layers[2].register_forward_hook(lambda mod, args, out: None)
+    with sft_plugins.compose([NAME], options={NAME: {"offload": "always", "lean_mlp": True, "mlp_chunks": 0}}) as s:
+        s.prepare(model=model)
+        ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    # gate and up in each of the three recomputes; the down projection's output in the two hooked layers'
+    assert calls.count(False) == 2 * 3 and calls.count(True) == 2
+    assert len(seen) == 2 and seen[0] == pytest.approx(seen[1])  # the MLP's hook: forward and recompute agree
