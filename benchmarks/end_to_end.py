@@ -51,6 +51,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -96,6 +97,11 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_all_budget_0.3": _arm(ours=ALL, options={"smart_checkpointing": {"memory_budget": 0.3}}),
     "ours_all_fused_lora_budget_auto": _arm(ours=ALL + ["fused_lora"],
                                             options={"smart_checkpointing": {"memory_budget": "auto"}}),
+    # the other end of the memory curve: no checkpointing at all (TRL's gradient_checkpointing off)
+    "ours_all_no_checkpointing": _arm(trl={"gradient_checkpointing": False},
+                                      ours=[n for n in ALL if n != "smart_checkpointing"]),
+    "ours_all_fused_lora_no_checkpointing": _arm(trl={"gradient_checkpointing": False},
+                                                 ours=[n for n in ALL if n != "smart_checkpointing"] + ["fused_lora"]),
     # the least GPU memory: every checkpoint off the GPU, each layer's MLP recomputed in 8 sequence chunks
     "ours_all_lean": _arm(ours=ALL, options={"smart_checkpointing": LEAN}),
     # the lean SwiGLU recompute (3 intermediate-sized tensors at the MLP's peak instead of ~8), no extra pass
@@ -112,6 +118,21 @@ ARMS: dict[str, dict[str, Any]] = {
     "long_ours_all": _arm(ours=ALL, workload="long"),
     "ours_packing": _arm(ours=["packing"]),
 }
+# any other memory_budget by name, for the tokens/s-vs-memory curve: ours_all_budget_12 (GiB), _budget_0.5 (a
+# fraction of the device), ours_all_fused_lora_budget_...
+BUDGET_ARM = re.compile(r"(ours_all(?:_fused_lora)?)_budget_(auto|tight|\d+(?:\.\d+)?)")
+
+
+def arm_spec(name: str) -> dict[str, Any] | None:
+    if name in ARMS:
+        return ARMS[name]
+    m = BUDGET_ARM.fullmatch(name)
+    if m is None:
+        return None
+    value: str | float = m[2] if m[2] in ("auto", "tight") else float(m[2])
+    return _arm(ours=ARMS[m[1]]["ours"], options={"smart_checkpointing": {"memory_budget": value}})
+
+
 # the two GPU commands, most important arms first (a budget cut skips the tail, recorded as skipped)
 SETS = {"set1": ["trl_default", "trl_packing_bfd", "trl_liger_packing", "ours_packing_padding_free", "ours_all",
                  "trl_padding_free", "ours_padding_free", "ours_fused_ce", "ours_smart_checkpointing",
@@ -382,8 +403,8 @@ def main() -> None:
     names: list[str] = []
     for tok in a.arms.split(","):
         for n in SETS.get(tok, list(ARMS) if tok == "all" else [tok]):
-            if n not in ARMS:
-                ap.error(f"unknown arm {n!r}; arms: {', '.join(ARMS)}")
+            if arm_spec(n) is None:
+                ap.error(f"unknown arm {n!r}; arms: {', '.join(ARMS)}, or ours_all[_fused_lora]_budget_<value>")
             if n not in names:
                 names.append(n)
     device = "cpu"
@@ -405,7 +426,7 @@ def main() -> None:
     profile = set(filter(None, a.profile.split(",")))
     model_saved = False
     for n in names:
-        arm = ARMS[n]
+        arm = arm_spec(n)
         rec: dict[str, Any] = {"arm": n, "kind": arm["kind"], "plugins": arm["ours"], "trl_args": arm["trl"],
                                "peer": arm["peer"], "lora": arm["lora"], "workload": arm["workload"]}
         elapsed = time.time() - t0
