@@ -35,6 +35,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from _e2e_profile import profile_summary
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PEAK_FLOPS = 790e12
@@ -145,7 +147,7 @@ def make_meter(spec: dict[str, Any], pad_id: int):
                 torch.cuda.memory._record_memory_history(max_entries=1_000_000)
             if n_prof and state.global_step == steps and self.prof is None:
                 acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-                self.prof = torch.profiler.profile(activities=acts)
+                self.prof = torch.profiler.profile(activities=acts, record_shapes=True)  # shapes: LoRA GEMMs
                 self.prof.__enter__()
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -202,7 +204,7 @@ def summarise(meter: Any, spec: dict[str, Any], fm: dict[str, Any], result: dict
         flops_model=fm)
     if meter.prof is not None:
         walls = [r["time_s"] for r in meter.rows if r["step"] > steps]
-        result["profile"] = profile_summary(meter.prof, spec, walls)
+        result["profile"] = profile_summary(meter.prof, spec, walls, result["s_per_step"], LORA_R)
     if meter.memory is not None:
         result["memory_at_peak"] = meter.memory
 
@@ -250,101 +252,6 @@ def _trl_tokens(rows: list[dict[str, Any]], warmup: int, steps: int) -> float | 
     if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or steps <= warmup:
         return None
     return round((b - a) / (steps - warmup), 1)
-
-
-def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float]) -> dict[str, Any]:
-    """Where the device time of the profiled steps went: top kernels/ops, coarse categories, the plugins'
-    ranges, and how much of each step's wall time the device was busy at all."""
-    events = prof.key_averages()
-
-    def dev(e: Any) -> float:
-        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
-
-    cuda = spec["device"] == "cuda"
-    key = (lambda e: dev(e)) if cuda else (lambda e: float(e.self_cpu_time_total))
-    if cuda:  # kernels only: an aten op's self device time is its kernels' time again, and a range's
-        # device-side span (a user annotation) covers its kernels again; torch's own totals skip both
-        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
-                  and not getattr(e, "is_user_annotation", False)] or list(events)
-    top = sorted(events, key=key, reverse=True)[:30]
-    cats: dict[str, float] = {}
-    for e in events:
-        n = e.key.lower()
-        cat = ("matmul" if any(s in n for s in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "addmm", "::mm", "bmm"))
-               else
-               "attention" if any(s in n for s in ("flash", "fmha", "attention", "varlen", "sdpa")) else
-               "triton" if "triton" in n else "memcpy" if "memcpy" in n or "memset" in n else
-               "optimizer" if "adam" in n or "optim" in n else "other")
-        cats[cat] = cats.get(cat, 0.0) + key(e)
-    total = sum(cats.values()) or 1.0
-    out = {"steps": spec.get("profile_steps"), "time_kind": "self device time" if cuda else "self CPU time",
-           "total_ms": round(total / 1e3, 2),
-           "categories_ms": {k: round(v / 1e3, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-           "ranges_ms": range_times(prof, cuda),
-           **(device_busy(prof, step_walls_s) if cuda else {}),
-           "top": [{"name": e.key[:120], "ms": round(key(e) / 1e3, 3), "calls": e.count} for e in top]}
-    pdir = spec.get("profile_dir")
-    if pdir:
-        Path(pdir).mkdir(parents=True, exist_ok=True)
-        for sort in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
-            try:
-                text = prof.key_averages().table(sort_by=sort, row_limit=60)
-            except Exception:  # the key's name differs between torch releases
-                continue
-            (Path(pdir) / f"{spec['arm']}_profile.txt").write_text(text)
-            out["table_file"] = str(Path(pdir) / f"{spec['arm']}_profile.txt")
-            break
-        if spec.get("profile_trace"):
-            with contextlib.suppress(Exception):
-                prof.export_chrome_trace(str(Path(pdir) / f"{spec['arm']}_trace.json"))
-    return out
-
-
-def range_times(prof: Any, cuda: bool) -> dict[str, float]:
-    """Device time (CPU time off CUDA) of the ops under each ``sft_plugins.*`` profiler range the plugins
-    open (recompute, layer_backward, offload, fused_ce, fused_lora, lean_mlp), by the innermost one; the rest
-    under its top-level op's category ("other")."""
-    def owner(event: Any) -> str:
-        e = event
-        while e is not None:
-            if e.name.startswith("sft_plugins."):
-                return e.name
-            e = e.cpu_parent
-        return "other"
-
-    times: dict[str, float] = {}
-    for event in prof.events():
-        if str(event.device_type).endswith("CUDA"):  # kernels and device-side spans: counted via their op
-            continue
-        # a range's own kernels are those launched in it outside any op (Triton's launcher); off CUDA its
-        # self time is the host work it did itself
-        if cuda:
-            spent = sum(k.duration for k in getattr(event, "kernels", []))
-        else:
-            spent = float(event.self_cpu_time_total)
-        if spent:
-            key = owner(event)
-            times[key] = times.get(key, 0.0) + spent
-    return {k: round(v / 1e3, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
-
-
-def device_busy(prof: Any, step_walls_s: list[float]) -> dict[str, Any]:
-    """Per profiled step: its wall time, the time at least one kernel or copy ran on the device (the union
-    of their intervals over all streams, so overlapped copies count once) and the rest, the host gaps."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if a > end:
-            busy, end = busy + (b - a), b
-        elif b > end:
-            busy, end = busy + (b - end), b
-    if not step_walls_s:
-        return {}
-    n = len(step_walls_s)
-    wall_ms, busy_ms = 1e3 * sum(step_walls_s) / n, busy / 1e3 / n
-    return {"step_wall_ms": round(wall_ms, 1), "device_busy_ms": round(busy_ms, 1),
-            "host_gap_ms": round(max(0.0, wall_ms - busy_ms), 1)}
 
 
 def _oom(exc: BaseException) -> bool:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import _e2e_arms  # noqa: E402
+import _e2e_profile  # noqa: E402
 
 
 def _event(start_us: float, end_us: float, device: str = "DeviceType.CUDA", annotation: bool = False):
@@ -20,10 +20,37 @@ def test_device_busy_counts_overlapping_streams_once_and_skips_ranges_and_host_e
               _event(300 * ms, 400 * ms),
               _event(0, 1000 * ms, annotation=True),  # a range's device-side span
               _event(0, 1000 * ms, device="DeviceType.CPU")]  # a host op
-    out = _e2e_arms.device_busy(SimpleNamespace(events=lambda: events), [0.5, 0.5])
-    # busy: [0, 150] and [300, 400] ms = 250 ms over two steps of 500 ms each
-    assert out == {"step_wall_ms": 500.0, "device_busy_ms": 125.0, "host_gap_ms": 375.0}
+    out = _e2e_profile.device_busy(SimpleNamespace(events=lambda: events), [0.5, 0.5], 0.2)
+    # busy: [0, 150] and [300, 400] ms = 250 ms over two profiled steps of 500 ms; unprofiled, a step takes 200 ms
+    assert out == {"profiled_step_wall_ms": 500.0, "step_ms": 200.0, "device_busy_ms": 125.0, "host_gap_ms": 75.0}
 
 
 def test_device_busy_without_timed_steps_reports_nothing():
-    assert _e2e_arms.device_busy(SimpleNamespace(events=lambda: [_event(0, 10)]), []) == {}
+    assert _e2e_profile.device_busy(SimpleNamespace(events=lambda: [_event(0, 10)]), []) == {}
+
+
+def test_time_by_kind_tells_adapter_gemms_from_base_gemms_and_names_plugin_regions():
+    """A CPU profile of a LoRA-shaped projection (rank 4), a cast, a scale-and-add, a GEMM in the CE head's
+    range and one in a recompute: each lands in its kind, and the recompute's part is reported apart."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    x, w, a, b = torch.randn(64, 32), torch.randn(48, 32), torch.randn(4, 32), torch.randn(48, 4)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        y = x @ w.t()  # base
+        y = y + (x.double().float() @ a.t() @ b.t()) * 2.0  # adapter GEMMs, a cast, a scale and an add
+        with record_function("sft_plugins.fused_ce"):
+            x @ w.t()
+        with record_function("sft_plugins.recompute"):
+            x @ w.t()
+    kinds, recompute = _e2e_profile.time_by_kind(prof, cuda=False, lora_rank=4)
+    expected = {"base GEMMs", "LoRA adapter GEMMs", "casts and copies", "elementwise and other ops", "CE head"}
+    assert expected <= set(kinds)
+    assert "base GEMMs" in recompute and "LoRA adapter GEMMs" not in recompute and "CE head" not in recompute
+    assert _e2e_profile.kind_of("aten::mm", [], [[64, 32], [32, 48]], 4) == "base GEMMs"
+    assert _e2e_profile.kind_of("aten::mm", ["sft_plugins.layer_backward"], [[48, 64], [64, 4]], 4) == \
+        "LoRA adapter GEMMs"
+    assert _e2e_profile.kind_of("aten::_flash_attention_forward", [], [], 4) == "attention"
+    assert _e2e_profile.kind_of("aten::copy_", ["sft_plugins.offload"], [], 4) == "offload copies"
+    assert _e2e_profile.kind_of("sft_plugins.lean_mlp", ["sft_plugins.recompute"], [], 4) == "plugin kernels (Triton)"
+    assert _e2e_profile.kind_of("aten::mul", ["Optimizer.step#AdamW.step"], [], 4) == "optimizer"

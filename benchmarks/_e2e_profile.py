@@ -1,0 +1,175 @@
+"""The profile summary of ``benchmarks/end_to_end.py``'s ``--profile`` arms: where the profiled steps' device
+time went (CPU time off CUDA), by kernel, by coarse category, by the plugins' ``sft_plugins.*`` ranges, by
+kind of work, and how much of a step the device was idle. Standard library only at top level (the Unsloth
+child imports ``unsloth`` first).
+
+Device time of an op is the duration of the kernels it launched; a kernel launched in a range outside any op
+(Triton's launcher) counts for the range. Device-side spans of ranges (user annotations) are not kernels and
+are left out, as torch's own tables do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::matmul",
+            "aten::linear", "aten::_scaled_mm"}
+COPY_OPS = {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous", "aten::cat",
+            "aten::_copy_from", "aten::_copy_from_and_resize"}
+ATTENTION_MARKS = ("flash", "attention", "sdpa", "varlen", "fmha", "efficient")
+# what the issue-style table asks for, in print order
+KINDS = ("base GEMMs", "LoRA adapter GEMMs", "casts and copies", "elementwise and other ops", "attention",
+         "plugin kernels (Triton)", "4-bit dequantise", "offload copies", "CE head", "optimizer")
+
+
+def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float], step_s: float | None,
+                    lora_rank: int | None) -> dict[str, Any]:
+    """Top kernels/ops, coarse categories, ``ranges_ms``, ``kinds_ms`` (and their recompute part), and on CUDA
+    the device's busy time per step against the unprofiled step time."""
+    events = prof.key_averages()
+
+    def dev(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)) or 0.0)
+
+    cuda = spec["device"] == "cuda"
+    key = (lambda e: dev(e)) if cuda else (lambda e: float(e.self_cpu_time_total))
+    if cuda:  # kernels only: an aten op's self device time is its kernels' time again
+        events = [e for e in events if str(getattr(e, "device_type", "")).endswith("CUDA")
+                  and not getattr(e, "is_user_annotation", False)] or list(events)
+    top = sorted(events, key=key, reverse=True)[:30]
+    cats: dict[str, float] = {}
+    for e in events:
+        n = e.key.lower()
+        cat = ("matmul" if any(s in n for s in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "addmm", "::mm", "bmm"))
+               else
+               "attention" if any(s in n for s in ("flash", "fmha", "attention", "varlen", "sdpa")) else
+               "triton" if "triton" in n else "memcpy" if "memcpy" in n or "memset" in n else
+               "optimizer" if "adam" in n or "optim" in n else "other")
+        cats[cat] = cats.get(cat, 0.0) + key(e)
+    total = sum(cats.values()) or 1.0
+    kinds, recompute = time_by_kind(prof, cuda, lora_rank)
+    out = {"steps": spec.get("profile_steps"), "time_kind": "self device time" if cuda else "self CPU time",
+           "total_ms": round(total / 1e3, 2),
+           "categories_ms": {k: round(v / 1e3, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+           "ranges_ms": range_times(prof, cuda),
+           "kinds_ms": kinds, "recompute_kinds_ms": recompute,
+           **(device_busy(prof, step_walls_s, step_s) if cuda else {}),
+           "top": [{"name": e.key[:120], "ms": round(key(e) / 1e3, 3), "calls": e.count} for e in top]}
+    pdir = spec.get("profile_dir")
+    if pdir:
+        Path(pdir).mkdir(parents=True, exist_ok=True)
+        for sort in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+            try:
+                text = prof.key_averages().table(sort_by=sort, row_limit=60)
+            except Exception:  # the key's name differs between torch releases
+                continue
+            (Path(pdir) / f"{spec['arm']}_profile.txt").write_text(text)
+            out["table_file"] = str(Path(pdir) / f"{spec['arm']}_profile.txt")
+            break
+        if spec.get("profile_trace"):
+            with contextlib.suppress(Exception):
+                prof.export_chrome_trace(str(Path(pdir) / f"{spec['arm']}_trace.json"))
+    return out
+
+
+def _host_events(prof: Any) -> list[Any]:
+    return [e for e in prof.events() if not str(e.device_type).endswith("CUDA")]
+
+
+def _spent(event: Any, cuda: bool) -> float:
+    if cuda:
+        return float(sum(k.duration for k in getattr(event, "kernels", [])))
+    return float(event.self_cpu_time_total)
+
+
+def _ancestors(event: Any) -> list[str]:
+    names, e = [], event.cpu_parent
+    while e is not None:
+        names.append(e.name)
+        e = e.cpu_parent
+    return names
+
+
+def range_times(prof: Any, cuda: bool) -> dict[str, float]:
+    """Device time (CPU time off CUDA) of the ops under each ``sft_plugins.*`` profiler range the plugins
+    open (recompute, layer_backward, offload, fused_ce, fused_lora, lean_mlp), by the innermost one; the rest
+    under "other"."""
+    times: dict[str, float] = {}
+    for event in _host_events(prof):
+        spent = _spent(event, cuda)
+        if spent:
+            owner = next((n for n in [event.name, *_ancestors(event)] if n.startswith("sft_plugins.")), "other")
+            times[owner] = times.get(owner, 0.0) + spent
+    return {k: round(v / 1e3, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
+
+
+def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int | None) -> str:
+    """What an op (or a range's own kernels) is, for the step's time table: whole plugin regions first (the
+    optimizer step, the CE head, the offload copies), then by the op itself; a GEMM with a dimension equal to
+    the LoRA rank is adapter work."""
+    if any(a.startswith("Optimizer.step") or a.startswith("Optimizer.zero_grad") for a in ancestors) \
+            or name.startswith("Optimizer.step"):
+        return "optimizer"
+    scope = [name, *ancestors]
+    if "sft_plugins.fused_ce" in scope:
+        return "CE head"
+    if "sft_plugins.offload" in scope:
+        return "offload copies"
+    if name.startswith("sft_plugins."):  # kernels launched in the range outside any op: Triton's launcher
+        return "plugin kernels (Triton)"
+    if name in GEMM_OPS:
+        dims = {d for shape in (input_shapes or []) if isinstance(shape, (list, tuple)) for d in shape}
+        return "LoRA adapter GEMMs" if lora_rank and lora_rank in dims else "base GEMMs"
+    low = name.lower()
+    if any(m in low for m in ATTENTION_MARKS):
+        return "attention"
+    if name in COPY_OPS:
+        return "casts and copies"
+    if "dequantize" in low:
+        return "4-bit dequantise"
+    return "elementwise and other ops"
+
+
+def time_by_kind(prof: Any, cuda: bool, lora_rank: int | None) -> tuple[dict[str, float], dict[str, float]]:
+    """Milliseconds by ``kind_of`` over the profiled steps, and the part of each spent in a layer's recompute
+    (under an ``sft_plugins.recompute`` range, the lean MLP's recompute included)."""
+    kinds: dict[str, float] = {}
+    recompute: dict[str, float] = {}
+    for event in _host_events(prof):
+        spent = _spent(event, cuda)
+        if not spent:
+            continue
+        ancestors = _ancestors(event)
+        kind = kind_of(event.name, ancestors, getattr(event, "input_shapes", None), lora_rank)
+        kinds[kind] = kinds.get(kind, 0.0) + spent
+        if "sft_plugins.recompute" in (event.name, *ancestors):
+            recompute[kind] = recompute.get(kind, 0.0) + spent
+
+    def ms(d: dict[str, float]) -> dict[str, float]:
+        return {k: round(d[k] / 1e3, 2) for k in KINDS if k in d}
+
+    return ms(kinds), ms(recompute)
+
+
+def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = None) -> dict[str, Any]:
+    """Per profiled step: the time at least one kernel or copy ran on the device (the union of their intervals
+    over all streams, so overlapped copies count once); the profiled step's wall time; and the host gap, the
+    unprofiled step time (``step_s``; the profiled one when not given, which the profiler itself slows) less
+    the busy time."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    if not step_walls_s:
+        return {}
+    n = len(step_walls_s)
+    wall_ms, busy_ms = 1e3 * sum(step_walls_s) / n, busy / 1e3 / n
+    step_ms = 1e3 * step_s if step_s else wall_ms
+    return {"profiled_step_wall_ms": round(wall_ms, 1), "step_ms": round(step_ms, 1),
+            "device_busy_ms": round(busy_ms, 1), "host_gap_ms": round(max(0.0, step_ms - busy_ms), 1)}
