@@ -198,6 +198,7 @@ def output_unused_in_recompute(layer: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def output_unused(active: bool) -> Iterator[None]:
+    """Around a layer's recompute: whether its lean MLP may skip its output (``output_unused_in_recompute``)."""
     token = _OUTPUT_UNUSED.set(active)
     try:
         yield
