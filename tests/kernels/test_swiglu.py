@@ -18,7 +18,7 @@ TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(3, 5), (300, 17), (2100, 3)])
+@pytest.mark.parametrize("shape", [(3, 5), (300, 17), (2100, 3), (64, 64)])  # tail only; blocks + tail; blocks
 @pytest.mark.parametrize("write_h", [True, False])
 def test_swiglu_forward_and_inplace_backward(path, dtype, shape, write_h, monkeypatch):
     monkeypatch.setattr(_swiglu, "_use_triton", lambda t: path == "triton")
