@@ -200,8 +200,9 @@ def test_plugins_refuse_fsdp(tmp_path, monkeypatch, plugin, by_args, by_env, env
     own (by args or by accelerate's environment)."""
     if plugin == "adamw_8bit":
         pytest.importorskip("bitsandbytes")
-    from sft_plugins.embedded import build_model, build_tokenizer
     from trl import SFTConfig
+
+    from sft_plugins.embedded import build_model, build_tokenizer
 
     model = build_model(tokenizer=build_tokenizer())
     args = (_fsdp_args(tmp_path, fsdp_config={"fsdp_version": 2, "activation_checkpointing": True})
