@@ -97,12 +97,16 @@ def linear(inp: torch.Tensor, proj: Projection, ts: Sequence[torch.Tensor], cd: 
         torch.mm(inp, w.t(), out=out)
     else:
         torch.addmm(bias, inp, w.t(), out=out)
-    xas = []
-    for ia, ib, s in proj.loras:
-        xa = inp @ ts[ia].to(cd).t()
+    xas = lora_inputs(inp, proj, ts, cd)
+    for (_, ib, s), xa in zip(proj.loras, xas):
         out.addmm_(xa, ts[ib].to(cd).t(), alpha=s)
-        xas.append(xa)
     return out, xas
+
+
+def lora_inputs(inp: torch.Tensor, proj: Projection, ts: Sequence[torch.Tensor],
+                cd: torch.dtype) -> list[torch.Tensor]:
+    """``inp @ A_k.T`` ([N, r]) per LoRA term: the B weights' gradients need them."""
+    return [inp @ ts[ia].to(cd).t() for ia, _, _ in proj.loras]
 
 
 def lora_dy_b(dy: torch.Tensor, proj: Projection, ts: Sequence[torch.Tensor], cd: torch.dtype) -> list[torch.Tensor]:

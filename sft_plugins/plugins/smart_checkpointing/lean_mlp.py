@@ -41,6 +41,7 @@ from ..shared.lora import (
     linear,
     linear_backward,
     lora_dy_b,
+    lora_inputs,
     manual_region,
     projection,
 )
@@ -83,21 +84,17 @@ class _LeanSwiGLU(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(cd)
             e, xa_g = linear(x2, gate, ts, cd)
             g, xa_u = linear(x2, up, ts, cd)
+            # nobody reads a skipped output: only what the backward needs is made (a SwiGLU MLP keeps x's width)
+            w_down = None if skip_output else base_weight(down, ts, cd)
+            y = (x2.new_zeros(x2.shape, dtype=cd) if w_down is None
+                 else x2.new_empty((x2.shape[0], w_down.shape[0]), dtype=cd))
             xa_parts: list[list[torch.Tensor]] = []
-            if skip_output:  # nobody reads the output: make only what the backward needs (the width is x's)
-                y = x2.new_zeros(x2.shape, dtype=cd)
-                for rows in _row_chunks(x2.shape[0]):
-                    h = swiglu_forward(e[rows], g[rows])
-                    xa_parts.append([h @ ts[ia].to(cd).t() for ia, _, _ in down.loras])
-                    del h
-            else:
-                w_down = base_weight(down, ts, cd)
-                y = x2.new_empty((x2.shape[0], w_down.shape[0]), dtype=cd)
-                for rows in _row_chunks(x2.shape[0]):
-                    h = swiglu_forward(e[rows], g[rows])
-                    xa_parts.append(linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
-                    del h
-                del w_down
+            for rows in _row_chunks(x2.shape[0]):
+                h = swiglu_forward(e[rows], g[rows])
+                xa_parts.append(lora_inputs(h, down, ts, cd) if w_down is None
+                                else linear(h, down, ts, cd, out=y[rows], weight=w_down)[1])
+                del h
+            del w_down
             xa_d = [torch.cat(parts) for parts in zip(*xa_parts)]
         ctx.projs, ctx.cd, ctx.x_dtype, ctx.x_shape = projs, cd, x.dtype, x.shape
         ctx.n_lora = (len(xa_g), len(xa_u), len(xa_d))
