@@ -49,11 +49,11 @@ def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float], 
                "optimizer" if "adam" in n or "optim" in n else "other")
         cats[cat] = cats.get(cat, 0.0) + key(e)
     total = sum(cats.values()) or 1.0
-    kinds, recompute = time_by_kind(prof, cuda, lora_rank)
+    ranges, kinds, recompute = attribute(prof, cuda, lora_rank)
     out = {"steps": spec.get("profile_steps"), "time_kind": "self device time" if cuda else "self CPU time",
            "total_ms": round(total / 1e3, 2),
            "categories_ms": {k: round(v / 1e3, 2) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
-           "ranges_ms": range_times(prof, cuda),
+           "ranges_ms": ranges,
            "kinds_ms": kinds, "recompute_kinds_ms": recompute,
            **(device_busy(prof, step_walls_s, step_s) if cuda else {}),
            "top": [{"name": e.key[:120], "ms": round(key(e) / 1e3, 3), "calls": e.count} for e in top]}
@@ -72,37 +72,6 @@ def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float], 
             with contextlib.suppress(Exception):
                 prof.export_chrome_trace(str(Path(pdir) / f"{spec['arm']}_trace.json"))
     return out
-
-
-def _host_events(prof: Any) -> list[Any]:
-    return [e for e in prof.events() if not str(e.device_type).endswith("CUDA")]
-
-
-def _spent(event: Any, cuda: bool) -> float:
-    if cuda:
-        return float(sum(k.duration for k in getattr(event, "kernels", [])))
-    return float(event.self_cpu_time_total)
-
-
-def _ancestors(event: Any) -> list[str]:
-    names, e = [], event.cpu_parent
-    while e is not None:
-        names.append(e.name)
-        e = e.cpu_parent
-    return names
-
-
-def range_times(prof: Any, cuda: bool) -> dict[str, float]:
-    """Device time (CPU time off CUDA) of the ops under each ``sft_plugins.*`` profiler range the plugins
-    open (recompute, layer_backward, offload, fused_ce, fused_lora, lean_mlp), by the innermost one; the rest
-    under "other"."""
-    times: dict[str, float] = {}
-    for event in _host_events(prof):
-        spent = _spent(event, cuda)
-        if spent:
-            owner = next((n for n in [event.name, *_ancestors(event)] if n.startswith("sft_plugins.")), "other")
-            times[owner] = times.get(owner, 0.0) + spent
-    return {k: round(v / 1e3, 2) for k, v in sorted(times.items(), key=lambda kv: -kv[1])}
 
 
 def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int | None) -> str:
@@ -132,25 +101,35 @@ def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int |
     return "elementwise and other ops"
 
 
-def time_by_kind(prof: Any, cuda: bool, lora_rank: int | None) -> tuple[dict[str, float], dict[str, float]]:
-    """Milliseconds by ``kind_of`` over the profiled steps, and the part of each spent in a layer's recompute
-    (under an ``sft_plugins.recompute`` range, the lean MLP's recompute included)."""
+def attribute(prof: Any, cuda: bool, lora_rank: int | None) -> tuple[dict[str, float], ...]:
+    """Milliseconds over the profiled steps, in one walk of the host events: by the innermost ``sft_plugins.*``
+    range the plugins open (recompute, layer_backward, offload, fused_ce, fused_lora, lean_mlp; the rest
+    "other"), by ``kind_of``, and by ``kind_of`` for the part spent in a layer's recompute (under an
+    ``sft_plugins.recompute`` range, the lean MLP's recompute included)."""
+    ranges: dict[str, float] = {}
     kinds: dict[str, float] = {}
     recompute: dict[str, float] = {}
-    for event in _host_events(prof):
-        spent = _spent(event, cuda)
+    for event in prof.events():
+        if str(event.device_type).endswith("CUDA"):  # kernels and device-side spans: counted via their op
+            continue
+        spent = float(sum(k.duration for k in getattr(event, "kernels", []))) if cuda else \
+            float(event.self_cpu_time_total)
         if not spent:
             continue
-        ancestors = _ancestors(event)
-        kind = kind_of(event.name, ancestors, getattr(event, "input_shapes", None), lora_rank)
+        scope = [event.name]
+        parent = event.cpu_parent
+        while parent is not None:
+            scope.append(parent.name)
+            parent = parent.cpu_parent
+        owner = next((n for n in scope if n.startswith("sft_plugins.")), "other")
+        ranges[owner] = ranges.get(owner, 0.0) + spent
+        kind = kind_of(event.name, scope[1:], getattr(event, "input_shapes", None), lora_rank)
         kinds[kind] = kinds.get(kind, 0.0) + spent
-        if "sft_plugins.recompute" in (event.name, *ancestors):
+        if "sft_plugins.recompute" in scope:
             recompute[kind] = recompute.get(kind, 0.0) + spent
-
-    def ms(d: dict[str, float]) -> dict[str, float]:
-        return {k: round(d[k] / 1e3, 2) for k in KINDS if k in d}
-
-    return ms(kinds), ms(recompute)
+    by_time = {k: round(v / 1e3, 2) for k, v in sorted(ranges.items(), key=lambda kv: -kv[1])}
+    return by_time, {k: round(kinds[k] / 1e3, 2) for k in KINDS if k in kinds}, \
+        {k: round(recompute[k] / 1e3, 2) for k in KINDS if k in recompute}
 
 
 def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = None) -> dict[str, Any]:
@@ -158,6 +137,8 @@ def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = Non
     over all streams, so overlapped copies count once); the profiled step's wall time; and the host gap, the
     unprofiled step time (``step_s``; the profiled one when not given, which the profiler itself slows) less
     the busy time."""
+    if not step_walls_s:
+        return {}
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
     busy, end = 0.0, float("-inf")
@@ -166,8 +147,6 @@ def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = Non
             busy, end = busy + (b - a), b
         elif b > end:
             busy, end = busy + (b - end), b
-    if not step_walls_s:
-        return {}
     n = len(step_walls_s)
     wall_ms, busy_ms = 1e3 * sum(step_walls_s) / n, busy / 1e3 / n
     step_ms = 1e3 * step_s if step_s else wall_ms

@@ -29,7 +29,7 @@ def test_device_busy_without_timed_steps_reports_nothing():
     assert _e2e_profile.device_busy(SimpleNamespace(events=lambda: [_event(0, 10)]), []) == {}
 
 
-def test_time_by_kind_tells_adapter_gemms_from_base_gemms_and_names_plugin_regions():
+def test_attribution_tells_adapter_gemms_from_base_gemms_and_names_plugin_regions():
     """A CPU profile of a LoRA-shaped projection (rank 4), a cast, a scale-and-add, a GEMM in the CE head's
     range and one in a recompute: each lands in its kind, and the recompute's part is reported apart."""
     import torch
@@ -43,10 +43,11 @@ def test_time_by_kind_tells_adapter_gemms_from_base_gemms_and_names_plugin_regio
             x @ w.t()
         with record_function("sft_plugins.recompute"):
             x @ w.t()
-    kinds, recompute = _e2e_profile.time_by_kind(prof, cuda=False, lora_rank=4)
+    ranges, kinds, recompute = _e2e_profile.attribute(prof, cuda=False, lora_rank=4)
     expected = {"base GEMMs", "LoRA adapter GEMMs", "casts and copies", "elementwise and other ops", "CE head"}
     assert expected <= set(kinds)
     assert "base GEMMs" in recompute and "LoRA adapter GEMMs" not in recompute and "CE head" not in recompute
+    assert {"other", "sft_plugins.fused_ce", "sft_plugins.recompute"} == set(ranges)
     assert _e2e_profile.kind_of("aten::mm", [], [[64, 32], [32, 48]], 4) == "base GEMMs"
     assert _e2e_profile.kind_of("aten::mm", ["sft_plugins.layer_backward"], [[48, 64], [64, 4]], 4) == \
         "LoRA adapter GEMMs"
