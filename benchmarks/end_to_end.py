@@ -67,6 +67,7 @@ ROOT = _common.ROOT
 CHILD = Path(__file__).resolve().parent / "_e2e_arms.py"
 TARGET_SPEEDUP = 1.5  # ours all five vs the best peer, at no more peak memory than it
 ALL = ["packing", "padding_free", "fused_ce", "smart_checkpointing", "adamw_8bit"]
+NO_CHECKPOINTING = [n for n in ALL if n != "smart_checkpointing"]
 FULL_FT_LR = 2e-5
 LEAN = {"mlp_chunks": 8, "keep_last_on_gpu": 0}
 LEAN_RECOMPUTE = {"lean_mlp": True, "lean_norm": True, "keep_last_on_gpu": 0}
@@ -98,10 +99,9 @@ ARMS: dict[str, dict[str, Any]] = {
     "ours_all_fused_lora_budget_auto": _arm(ours=ALL + ["fused_lora"],
                                             options={"smart_checkpointing": {"memory_budget": "auto"}}),
     # the other end of the memory curve: no checkpointing at all (TRL's gradient_checkpointing off)
-    "ours_all_no_checkpointing": _arm(trl={"gradient_checkpointing": False},
-                                      ours=[n for n in ALL if n != "smart_checkpointing"]),
+    "ours_all_no_checkpointing": _arm(trl={"gradient_checkpointing": False}, ours=NO_CHECKPOINTING),
     "ours_all_fused_lora_no_checkpointing": _arm(trl={"gradient_checkpointing": False},
-                                                 ours=[n for n in ALL if n != "smart_checkpointing"] + ["fused_lora"]),
+                                                 ours=NO_CHECKPOINTING + ["fused_lora"]),
     # the least GPU memory: every checkpoint off the GPU, each layer's MLP recomputed in 8 sequence chunks
     "ours_all_lean": _arm(ours=ALL, options={"smart_checkpointing": LEAN}),
     # the lean SwiGLU recompute (3 intermediate-sized tensors at the MLP's peak instead of ~8), no extra pass
