@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.nn.modules import module as torch_module
 
 from ...kernels import swiglu_backward_, swiglu_forward
 from ..shared.lora import (
@@ -171,8 +172,6 @@ _RESIDUAL_RETURN = re.compile(r"hidden_states=self\.mlp\(hidden_states\)hidden_s
 
 def _has_forward_hooks(module: torch.nn.Module) -> bool:
     """A forward hook would see the output (zeros when skipped); global hooks count too."""
-    from torch.nn.modules import module as torch_module
-
     return bool(module._forward_hooks or torch_module._global_forward_hooks)
 
 
