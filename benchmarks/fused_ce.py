@@ -113,6 +113,8 @@ ours_ws1g = _ours_with_env("ours_ws1g", "SFT_PLUGINS_CE_WORKSPACE_MB", "1024")
 ours_exact_tanh = _ours_with_env("ours_exact_tanh", "SFT_PLUGINS_CE_TANH", "0")
 # the row kernel's two passes (read, read + write) instead of one (read + write)
 ours_two_pass = _ours_with_env("ours_two_pass", "SFT_PLUGINS_CE_ONE_PASS", "0")
+# the row kernel's fixed per-kernel default shape instead of the one it times at run time
+ours_fixed_shape = _ours_with_env("ours_fixed_shape", "SFT_PLUGINS_CE_TUNE", "0")
 
 
 def _chunk_variant(rows):
@@ -269,7 +271,7 @@ def main():
     print(json.dumps(meta), flush=True)
     result = {**meta, "rows": []}
     all_methods = [gemm_floor, gemm_floor_valid, ours, ours_stats, ours_split, ours_ws1g, ours_exact_tanh,
-                   ours_two_pass, ours_dw_fp32, eager, trl_head, trl_head_metrics,
+                   ours_two_pass, ours_fixed_shape, ours_dw_fp32, eager, trl_head, trl_head_metrics,
                    liger, cce]
     keep = set(args.methods.split(",")) if args.methods else (
         {m.__name__ for m in all_methods} - {"ours_dw_fp32", "ours_split"})
@@ -320,6 +322,10 @@ def main():
                 w.grad = None
             del hs, w, y, h0, ref
             torch.cuda.empty_cache()
+    from sft_plugins.kernels import _triton_ce
+
+    tuner = _triton_ce._one_pass_tuned  # what the row kernel chose at run time, per row shape (key)
+    result["row_kernel_choice"] = {str(k): str(c) for k, c in (tuner.cache.items() if tuner else ())}
     path = os.path.join(args.out, "fused_ce.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
@@ -377,7 +383,7 @@ def table(result) -> str:
             f" {o.get('peak_extra_MiB') if o else '-'} | {o.get('loss_rel_err', float('nan')) if o else float('nan'):.1e} | {marks} |"
         )
     lines += ["", "targets: ours ≤ 1.10× floor · ≤ 0.90× best peer · ≤ 256 MiB extra · loss err ≤ 1e-4", ""]
-    variants = ("ours_dw_fp32", "ours_ws1g", "ours_split", "ours_exact_tanh", "ours_two_pass")
+    variants = ("ours_dw_fp32", "ours_ws1g", "ours_split", "ours_exact_tanh", "ours_two_pass", "ours_fixed_shape")
     extra = [r for r in rows if r["method"] in variants]
     if extra:
         lines += ["| shape | W | variant | ms | MiB | grad_w err | grad_h err |", "|---|---|---|---|---|---|---|"]

@@ -18,6 +18,9 @@ differs between Triton 3.6 and 3.9 and does not exist in the interpreter; on CUD
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -251,6 +254,44 @@ def _ce_rows_one_pass_kernel(
         tl.store(base + label, ((tl.exp(zy - ref) - s) * dy).to(logits_ptr.dtype.element_ty))
 
 
+# (BLOCK_V, warps) the one-pass kernel chooses from at run time on CUDA, per card and row shape: the best
+# program shape follows the card's memory system (H200: 4096/4 plain, 4096/8 softcap; docs/fused_ce_notes.md)
+ONE_PASS_CONFIGS = ((2048, 4), (4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 32))
+_one_pass_tuned: Any = None
+
+
+def _bench_once_each(fn: Callable[[], Any], quantiles: Any = None, **_: Any) -> Any:
+    """Median-free timing for the tuner: 5 runs between two CUDA events, no L2-flush buffer (Triton's
+    ``do_bench`` allocates 256 MB for it; a chunk is already several times the L2)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    end.synchronize()
+    ms = start.elapsed_time(end) / 5
+    return [ms] * len(quantiles) if quantiles else ms
+
+
+def _one_pass_kernel_tuned() -> Any:
+    """The one-pass kernel behind Triton's autotuner (on first use): the first chunk of each row shape times
+    :data:`ONE_PASS_CONFIGS` on a copy of itself (the kernel writes in place) and keeps the fastest."""
+    global _one_pass_tuned
+    if _one_pass_tuned is None:
+        configs = [triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in ONE_PASS_CONFIGS]
+        _one_pass_tuned = triton.autotune(
+            configs, key=["V", "HAS_SOFTCAP", "WANT_STATS", "HW_TANH"], restore_value=["logits_ptr"],
+            do_bench=_bench_once_each)(_ce_rows_one_pass_kernel)
+    return _one_pass_tuned
+
+
+def _tune_at_run_time(interpret: bool, one_pass: bool) -> bool:
+    """CUDA one-pass launches choose their shape at run time unless SFT_PLUGINS_CE_BLOCK_V / _NUM_WARPS fix it."""
+    return (one_pass and not interpret and ce_setting("TUNE") == "1"
+            and not int(ce_setting("BLOCK_V")) and not int(ce_setting("NUM_WARPS")))
+
+
 def _launch_config(V: int, one_pass: bool, softcap: bool, interpret: bool) -> tuple[int, int]:
     """(BLOCK_V, warps) of a row program; SFT_PLUGINS_CE_BLOCK_V / _NUM_WARPS override."""
     if interpret:  # the interpreter's cost grows with loop trips: the whole (small) row in one block
@@ -311,16 +352,17 @@ def ce_rows_triton(
     cap = float(softcap) if softcap else 1.0
     if rfac_out is not None:
         assert write_grad and bias is None and not smoothing and logits.dtype != torch.float16
-        _ce_rows_one_pass_kernel[(grid,)](
-            logits, logits.stride(0), rows, labels,
-            row_scale if row_scale is not None else dummy,
-            scale_t if scale_t is not None else dummy,
-            loss_out, ent_out if want_stats else dummy, top1_out if want_stats else dummy, rfac_out,
-            C, V, float(logit_scale), u_scale, float(grad_scale), cap, _REBASE,
-            HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
-            HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh,
-            BLOCK_V=block, num_warps=num_warps,
-        )
+        args = (logits, logits.stride(0), rows, labels,
+                row_scale if row_scale is not None else dummy,
+                scale_t if scale_t is not None else dummy,
+                loss_out, ent_out if want_stats else dummy, top1_out if want_stats else dummy, rfac_out,
+                C, V, float(logit_scale), u_scale, float(grad_scale), cap, _REBASE)
+        flags = dict(HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
+                     HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh)
+        if logits.is_cuda and _tune_at_run_time(interpret, True):
+            _one_pass_kernel_tuned()[(grid,)](*args, **flags)
+        else:
+            _ce_rows_one_pass_kernel[(grid,)](*args, **flags, BLOCK_V=block, num_warps=num_warps)
         return
     _ce_rows_kernel[(grid,)](
         logits,

@@ -386,6 +386,35 @@ def test_hardware_tanh_softcap_matches_the_exact_path(monkeypatch):
     assert _rel(out["1"][1], out["0"][1]) < 5e-3 and _rel(out["1"][2], out["0"][2]) < 5e-3
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the run-time choice of the row kernel's shape is CUDA only")
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcap"])
+def test_run_time_row_kernel_choice_matches_a_fixed_shape(monkeypatch, softcap):
+    # the tuner times each shape on the first chunk in place (restoring it between runs): the chunk it
+    # then computes must equal a fixed launch's, and the choice is kept for the row shape
+    from sft_plugins.kernels import _triton_ce
+
+    g = torch.Generator().manual_seed(7)
+    n, hd, v = 1024, 64, 32000
+    h = (torch.randn(n, hd, generator=g) / hd**0.5).bfloat16().cuda()
+    w = torch.randn(v, hd, generator=g).bfloat16().cuda()
+    y = torch.randint(0, v, (n,), generator=g).cuda()
+    out = {}
+    for mode in ("tuned", "fixed"):
+        if mode == "fixed":
+            monkeypatch.setenv("SFT_PLUGINS_CE_BLOCK_V", "4096")
+            monkeypatch.setenv("SFT_PLUGINS_CE_NUM_WARPS", "8")
+        ho, wo = _leaf(h), _leaf(w)
+        loss = fused_linear_cross_entropy(ho, wo, y, softcap=softcap, _backend="triton", _chunk_rows=256)
+        loss.backward()
+        out[mode] = (loss.detach(), ho.grad, wo.grad)
+    tuner = _triton_ce._one_pass_tuned
+    assert tuner is not None and tuner.cache, "the tuned kernel did not run"
+    assert all(c.kwargs["BLOCK_V"] in {b for b, _ in _triton_ce.ONE_PASS_CONFIGS} for c in tuner.cache.values())
+    torch.testing.assert_close(out["tuned"][0], out["fixed"][0], rtol=1e-5, atol=0)
+    # the block size changes the order of the fp32 row sums only
+    assert _rel(out["tuned"][1], out["fixed"][1]) < 1e-2 and _rel(out["tuned"][2], out["fixed"][2]) < 1e-2
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_ignored", [0, 8, 35, 40], ids=["none", "some", "most", "all"])
 def test_first_chunk_launched_before_the_count_gives_the_same_result(backend, n_ignored):
