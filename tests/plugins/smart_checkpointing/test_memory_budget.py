@@ -79,7 +79,7 @@ def _losses(tok, tmp_path, options, total=None):
 def test_budget_plan_keeps_the_losses(tok, tmp_path):
     """Room for everything: both layers left whole (no recompute). Then a budget with room for the two inputs at
     the largest step (4 x 64 tokens) but not for a whole layer: both checkpointed with their input on the device.
-    The baseline's losses either way."""
+    Then room for one input: one kept, one offloaded. The baseline's losses every time."""
     base, _ = _losses(tok, tmp_path, None)
     options = {"offload": "always", "memory_budget": "auto"}
     ours, (state, counters) = _losses(tok, tmp_path, options, total=10**15)
@@ -94,6 +94,15 @@ def test_budget_plan_keeps_the_losses(tok, tmp_path):
     total = int((free + m.base + transient) / (1 - budget.MARGIN)) + 1
     ours, (state, counters) = _losses(tok, tmp_path, options, total=total)
     assert state.modes == {"none": 0, "device": 2, "offload": 0} and counters["unchecked_calls"] == 0
+    assert ours == pytest.approx(base, rel=sft_plugins.available()[NAME].loss_parity)
+    host_bytes_both_kept = counters["host_bytes"] + counters["pageable_bytes"]  # the first (tight) step's
+
+    # room for one input only: the last layer keeps it on the device, the first offloads it
+    total = int((1.5 * m.input_per_token * largest + m.base + transient) / (1 - budget.MARGIN)) + 1
+    ours, (state, counters) = _losses(tok, tmp_path, options, total=total)
+    assert state.modes == {"none": 0, "device": 1, "offload": 1} and counters["unchecked_calls"] == 0
+    # the same batches: more went to the host than with both inputs kept, so the plan's offload ran
+    assert counters["host_bytes"] + counters["pageable_bytes"] > host_bytes_both_kept
     assert ours == pytest.approx(base, rel=sft_plugins.available()[NAME].loss_parity)
 
 
