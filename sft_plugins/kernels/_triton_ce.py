@@ -276,7 +276,8 @@ def _bench_once_each(fn: Callable[[], Any], quantiles: Any = None, **_: Any) -> 
 
 def _one_pass_kernel_tuned() -> Any:
     """The one-pass kernel behind Triton's autotuner (on first use): the first chunk of each row shape times
-    :data:`ONE_PASS_CONFIGS` on a copy of itself (the kernel writes in place) and keeps the fastest."""
+    :data:`ONE_PASS_CONFIGS`, restoring the chunk from a copy between runs (the kernel writes in place: one
+    chunk-sized copy, within the 240 MiB workspace, lives for that first call), and keeps the fastest."""
     global _one_pass_tuned
     if _one_pass_tuned is None:
         configs = [triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in ONE_PASS_CONFIGS]
@@ -286,9 +287,10 @@ def _one_pass_kernel_tuned() -> Any:
     return _one_pass_tuned
 
 
-def _tune_at_run_time(interpret: bool, one_pass: bool) -> bool:
-    """CUDA one-pass launches choose their shape at run time unless SFT_PLUGINS_CE_BLOCK_V / _NUM_WARPS fix it."""
-    return (one_pass and not interpret and ce_setting("TUNE") == "1"
+def _choose_at_run_time(logits: torch.Tensor) -> bool:
+    """CUDA one-pass launches choose their shape at run time unless SFT_PLUGINS_CE_TUNE=0 or
+    SFT_PLUGINS_CE_BLOCK_V / _NUM_WARPS fix it."""
+    return (logits.is_cuda and not triton_interpret() and ce_setting("TUNE") == "1"
             and not int(ce_setting("BLOCK_V")) and not int(ce_setting("NUM_WARPS")))
 
 
@@ -359,7 +361,7 @@ def ce_rows_triton(
                 C, V, float(logit_scale), u_scale, float(grad_scale), cap, _REBASE)
         flags = dict(HAS_SOFTCAP=bool(softcap), HAS_ROW_SCALE=row_scale is not None,
                      HAS_SCALE_PTR=scale_t is not None, WANT_STATS=want_stats, HW_TANH=hw_tanh)
-        if logits.is_cuda and _tune_at_run_time(interpret, True):
+        if _choose_at_run_time(logits):
             _one_pass_kernel_tuned()[(grid,)](*args, **flags)
         else:
             _ce_rows_one_pass_kernel[(grid,)](*args, **flags, BLOCK_V=block, num_warps=num_warps)
