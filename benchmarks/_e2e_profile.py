@@ -3,9 +3,11 @@ time went (CPU time off CUDA), by kernel, by coarse category, by the plugins' ``
 kind of work, and how much of a step the device was idle. Standard library only at top level (the Unsloth
 child imports ``unsloth`` first).
 
-Device time of an op is the duration of the kernels it launched; a kernel launched in a range outside any op
-(Triton's launcher) counts for the range. Device-side spans of ranges (user annotations) are not kernels and
-are left out, as torch's own tables do.
+Device time of an op is the duration of the kernels it launched. A kernel launched outside any aten op
+(Triton's launcher) counts for the innermost host event around its launch: a ``sft_plugins.*`` range (kind
+"plugin kernels (Triton)"), or, as H100 traces show for the SwiGLU kernels, the custom autograd Function's
+node (``_LeanSwiGLUBackward``), whose kind is then "elementwise and other ops". Device-side spans of ranges
+(user annotations) are not kernels and are left out, as torch's own tables do.
 """
 
 from __future__ import annotations
