@@ -4,10 +4,11 @@ kind of work, and how much of a step the device was idle. Standard library only 
 child imports ``unsloth`` first).
 
 Device time of an op is the duration of the kernels it launched. A kernel launched outside any aten op
-(Triton's launcher) counts for the innermost host event around its launch: a ``sft_plugins.*`` range (kind
-"plugin kernels (Triton)"), or, as H100 traces show for the SwiGLU kernels, the custom autograd Function's
-node (``_LeanSwiGLUBackward``), whose kind is then "elementwise and other ops". Device-side spans of ranges
-(user annotations) are not kernels and are left out, as torch's own tables do.
+(Triton's launcher) counts for the innermost host event around its launch: a ``sft_plugins.*`` range, or, as
+H100 traces show for the SwiGLU kernels, the backward node of the custom autograd Function
+(``_LeanSwiGLUBackward``); both are kind "plugin kernels (Triton)" when the range or the Function is the
+plugins' own (``plugin_function_nodes``). Device-side spans of ranges (user annotations) are not kernels and
+are left out, as torch's own tables do.
 """
 
 from __future__ import annotations
@@ -76,10 +77,28 @@ def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float], 
     return out
 
 
-def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int | None) -> str:
+_NODE_PREFIX = "autograd::engine::evaluate_function: "
+
+
+def plugin_function_nodes() -> frozenset[str]:
+    """The names the autograd engine gives the backward nodes of the plugins' own autograd Functions (the class
+    name + "Backward"), for the Functions imported so far: after an arm has run, the ones it used."""
+    import torch  # here, not at the top: the Unsloth child imports unsloth first
+
+    found, todo = [], list(torch.autograd.Function.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return frozenset(f"{c.__name__}Backward" for c in found if c.__module__.startswith("sft_plugins."))
+
+
+def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int | None,
+            plugin_nodes: frozenset[str] = frozenset()) -> str:
     """What an op (or a range's own kernels) is, for the step's time table: whole plugin regions first (the
     optimizer step, the CE head, the offload copies), then by the op itself; a GEMM with a dimension equal to
-    the LoRA rank is adapter work."""
+    the LoRA rank is adapter work. Kernels a plugin range or a plugin Function's backward node (one of
+    ``plugin_nodes``) launched itself are the plugins' Triton kernels."""
     if any(a.startswith("Optimizer.step") or a.startswith("Optimizer.zero_grad") for a in ancestors) \
             or name.startswith("Optimizer.step"):
         return "optimizer"
@@ -88,8 +107,8 @@ def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int |
         return "CE head"
     if "sft_plugins.offload" in scope:
         return "offload copies"
-    if name.startswith("sft_plugins."):  # kernels launched in the range outside any op: Triton's launcher
-        return "plugin kernels (Triton)"
+    if name.startswith("sft_plugins.") or name.removeprefix(_NODE_PREFIX) in plugin_nodes:
+        return "plugin kernels (Triton)"  # launched outside any aten op: Triton's launcher
     if name in GEMM_OPS:
         dims = {d for shape in (input_shapes or []) if isinstance(shape, (list, tuple)) for d in shape}
         return "LoRA adapter GEMMs" if lora_rank and lora_rank in dims else "base GEMMs"
@@ -111,6 +130,7 @@ def attribute(prof: Any, cuda: bool, lora_rank: int | None) -> tuple[dict[str, f
     ranges: dict[str, float] = {}
     kinds: dict[str, float] = {}
     recompute: dict[str, float] = {}
+    plugin_nodes = plugin_function_nodes()
     for event in prof.events():
         if str(event.device_type).endswith("CUDA"):  # kernels and device-side spans: counted via their op
             continue
@@ -125,7 +145,7 @@ def attribute(prof: Any, cuda: bool, lora_rank: int | None) -> tuple[dict[str, f
             parent = parent.cpu_parent
         owner = next((n for n in scope if n.startswith("sft_plugins.")), "other")
         ranges[owner] = ranges.get(owner, 0.0) + spent
-        kind = kind_of(event.name, scope[1:], getattr(event, "input_shapes", None), lora_rank)
+        kind = kind_of(event.name, scope[1:], getattr(event, "input_shapes", None), lora_rank, plugin_nodes)
         kinds[kind] = kinds.get(kind, 0.0) + spent
         if "sft_plugins.recompute" in scope:
             recompute[kind] = recompute.get(kind, 0.0) + spent

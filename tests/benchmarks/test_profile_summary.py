@@ -55,3 +55,37 @@ def test_attribution_tells_adapter_gemms_from_base_gemms_and_names_plugin_region
     assert _e2e_profile.kind_of("aten::copy_", ["sft_plugins.offload"], [], 4) == "offload copies"
     assert _e2e_profile.kind_of("sft_plugins.lean_mlp", ["sft_plugins.recompute"], [], 4) == "plugin kernels (Triton)"
     assert _e2e_profile.kind_of("aten::mul", ["Optimizer.step#AdamW.step"], [], 4) == "optimizer"
+
+
+def test_a_plugin_functions_backward_node_is_counted_as_plugin_kernels():
+    """Kernels a plugin's autograd Function launches from its backward without an aten op (Triton's launcher)
+    belong to the Function's backward node: that node is the plugins' kernels, another Function's is not."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def function_class(name: str, module: str) -> type:
+        def backward(ctx, g):
+            time.sleep(0.002)  # host time of the node itself, as a directly launched kernel's device time is
+            return g
+
+        cls = type(name, (torch.autograd.Function,), {"forward": staticmethod(lambda ctx, x: x.clone()),
+                                                       "backward": staticmethod(backward)})
+        cls.__module__ = module
+        return cls
+
+    ours, theirs = function_class("_StubPluginOp", "sft_plugins.stub"), function_class("_StubOtherOp", "elsewhere")
+    assert "_StubPluginOpBackward" in _e2e_profile.plugin_function_nodes()
+    assert "_StubOtherOpBackward" not in _e2e_profile.plugin_function_nodes()
+    x = torch.randn(8, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ours.apply(x).sum().backward()
+    _, kinds, _ = _e2e_profile.attribute(prof, cuda=False, lora_rank=None)
+    assert kinds.get("plugin kernels (Triton)", 0.0) >= 1.5
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        theirs.apply(x).sum().backward()
+    _, kinds, _ = _e2e_profile.attribute(prof, cuda=False, lora_rank=None)
+    assert kinds.get("plugin kernels (Triton)", 0.0) < 1.5 and kinds.get("elementwise and other ops", 0.0) >= 1.5
+    assert _e2e_profile.kind_of(_e2e_profile._NODE_PREFIX + "_StubPluginOpBackward", [], [], None,
+                                frozenset({"_StubPluginOpBackward"})) == "plugin kernels (Triton)"
