@@ -341,7 +341,6 @@ def ce_rows_triton(
     interpret = triton_interpret()
     want_stats = ent_out is not None
     dummy = loss_out  # never read when the matching flag is off
-    block, num_warps = _launch_config(V, rfac_out is not None, bool(softcap), interpret)
     grid = C
     per_sm = int(ce_setting("PROGRAMS_PER_SM"))
     if per_sm > 0:
@@ -364,8 +363,10 @@ def ce_rows_triton(
         if _choose_at_run_time(logits):
             _one_pass_kernel_tuned()[(grid,)](*args, **flags)
         else:
+            block, num_warps = _launch_config(V, True, bool(softcap), interpret)
             _ce_rows_one_pass_kernel[(grid,)](*args, **flags, BLOCK_V=block, num_warps=num_warps)
         return
+    block, num_warps = _launch_config(V, False, bool(softcap), interpret)
     _ce_rows_kernel[(grid,)](
         logits,
         logits.stride(0),
