@@ -30,6 +30,7 @@ class LayerPlan:
     layer: Any = None  # the module (its parameters are not activations when the budget measures)
     checkpoint: bool = True  # False (memory_budget): the layer runs as is, keeping all its activations
     calibrate: Any = None  # a budget.Measurement to fill from this layer's next recompute, then None
+    lean_mlp: Any = None  # the layer's MLP's lean_mlp.LeanForward, if installed
 
 
 def _device_types(x: torch.Tensor) -> list[str]:
@@ -88,8 +89,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             if measurement is not None:  # memory_budget: what one layer saves when it keeps its activations
                 hooks, seen = saved_bytes_counter(list(ctx.plan.layer.parameters()) if ctx.plan.layer else [])
                 stack.enter_context(hooks)
-            skip = ctx.plan.layer is not None and output_unused_in_recompute(ctx.plan.layer)
-            with torch.enable_grad(), profile_range("sft_plugins.recompute"), output_unused(skip):
+            lean = ctx.plan.lean_mlp
+            skip = lean is not None and output_unused_in_recompute(ctx.plan.layer)
+            with torch.enable_grad(), profile_range("sft_plugins.recompute"), output_unused(lean, skip):
                 out = ctx.run(x)
             if measurement is not None:
                 tokens = max(1, x[..., 0].numel())

@@ -24,7 +24,6 @@ GEMM, a third of the MLP's forward work, is skipped and the output is zeros, whi
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import inspect
 import re
@@ -140,31 +139,34 @@ class _LeanSwiGLU(torch.autograd.Function):
         return (dx, None, None, *grads)
 
 
-def make_lean_forward(mlp: torch.nn.Module) -> Callable[..., Any] | None:
-    """An instance ``forward`` for a SwiGLU MLP that runs the lean function when a graph is being built
-    and the projections are fusable at call time (adapters can change), the module's own forward
-    otherwise; None when the module is not a SwiGLU MLP at all."""
-    if _plan(mlp) is None:
-        return None
-    inner = mlp.__dict__.get("forward") or functools.partial(type(mlp).forward, mlp)
+class LeanForward:
+    """The ``forward`` installed on one SwiGLU MLP: the lean function when a graph is being built and the
+    projections are fusable at call time (adapters can change), the module's own forward otherwise.
+    ``output_unused`` is this MLP's own flag, set only around its layer's recompute (``output_unused``)."""
 
-    def lean_forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __init__(self, mlp: torch.nn.Module, inner: Callable[..., Any]) -> None:
+        self.mlp, self.inner, self.output_unused = mlp, inner, False
+
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-1] == 0:
-            return inner(x, *args, **kwargs)
-        plan = _plan(mlp)
+            return self.inner(x, *args, **kwargs)
+        plan = _plan(self.mlp)
         if plan is None:
-            return inner(x)
+            return self.inner(x)
         projs, ts = plan
         if not (x.requires_grad or any(t.requires_grad for t in ts)):
-            return inner(x)
-        skip_output = _OUTPUT_UNUSED.get() and not _has_forward_hooks(mlp)
+            return self.inner(x)
+        skip_output = self.output_unused and not _has_forward_hooks(self.mlp)
         return _LeanSwiGLU.apply(x, projs, skip_output, *ts)
 
-    return lean_forward
+
+def make_lean_forward(mlp: torch.nn.Module) -> LeanForward | None:
+    """The lean ``forward`` for ``mlp``; None when the module is not a SwiGLU MLP at all."""
+    if _plan(mlp) is None:
+        return None
+    return LeanForward(mlp, mlp.__dict__.get("forward") or functools.partial(type(mlp).forward, mlp))
 
 
-# True while a layer whose output is ``residual + mlp(...)`` is recomputed (set by the checkpoint around it)
-_OUTPUT_UNUSED: contextvars.ContextVar[bool] = contextvars.ContextVar("lean_mlp_output_unused", default=False)
 # the end of transformers' Llama-style decoder layer forward (Llama, Mistral, Qwen2/3 and their copies)
 _RESIDUAL_RETURN = re.compile(r"hidden_states=self\.mlp\(hidden_states\)hidden_states=residual\+hidden_states"
                               r"returnhidden_states$")
@@ -193,10 +195,13 @@ def output_unused_in_recompute(layer: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def output_unused(active: bool) -> Iterator[None]:
+def output_unused(lean: LeanForward | None, active: bool) -> Iterator[None]:
     """Around a layer's recompute: whether its lean MLP may skip its output (``output_unused_in_recompute``)."""
-    token = _OUTPUT_UNUSED.set(active)
+    if lean is None:
+        yield
+        return
+    before, lean.output_unused = lean.output_unused, active
     try:
         yield
     finally:
-        _OUTPUT_UNUSED.reset(token)
+        lean.output_unused = before

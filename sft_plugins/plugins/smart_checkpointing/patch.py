@@ -171,7 +171,7 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
                 patch.saved.append((mlp, {"forward": mlp.__dict__.get("forward", _MISSING)}))
                 lean = lean_mlp_forward(mlp) if opts["lean_mlp"] else None
                 if lean is not None:
-                    mlp.forward = lean
+                    mlp.forward = plan.lean_mlp = lean
                 elif opts["lean_mlp"] and any(quantization_of(m) == "8bit" for m in mlp.modules()):
                     int8_mlps += 1
                 if opts["mlp_chunks"]:  # tiles whichever forward is in place (the lean one included)
