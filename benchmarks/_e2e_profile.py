@@ -5,10 +5,10 @@ child imports ``unsloth`` first).
 
 Device time of an op is the duration of the kernels it launched. A kernel launched outside any aten op
 (Triton's launcher) counts for the innermost host event around its launch: a ``sft_plugins.*`` range, or, as
-H100 traces show for the SwiGLU kernels, the backward node of the custom autograd Function
-(``_LeanSwiGLUBackward``); both are kind "plugin kernels (Triton)" when the range or the Function is the
-plugins' own (``plugin_function_nodes``). Device-side spans of ranges (user annotations) are not kernels and
-are left out, as torch's own tables do.
+H100 traces show for the SwiGLU kernels, the custom autograd Function's ``apply`` (``_LeanSwiGLU``) or
+backward node (``_LeanSwiGLUBackward``); all are kind "plugin kernels (Triton)" when the range or the Function
+is the plugins' own (``plugin_function_nodes``). Device-side spans of ranges (user annotations) are not
+kernels and are left out, as torch's own tables do.
 """
 
 from __future__ import annotations
@@ -81,8 +81,9 @@ _NODE_PREFIX = "autograd::engine::evaluate_function: "
 
 
 def plugin_function_nodes() -> frozenset[str]:
-    """The names the autograd engine gives the backward nodes of the plugins' own autograd Functions (the class
-    name + "Backward"), for the Functions imported so far: after an arm has run, the ones it used."""
+    """The host events of the plugins' own autograd Functions: ``apply`` (the class name; the SwiGLU forward's
+    kernels belong to it) and the backward node (the name + "Backward"), for the Functions imported so far:
+    after an arm has run, the ones it used."""
     import torch  # here, not at the top: the Unsloth child imports unsloth first
 
     found, todo = [], list(torch.autograd.Function.__subclasses__())
@@ -90,15 +91,16 @@ def plugin_function_nodes() -> frozenset[str]:
         cls = todo.pop()
         found.append(cls)
         todo.extend(cls.__subclasses__())
-    return frozenset(f"{c.__name__}Backward" for c in found if c.__module__.startswith("sft_plugins."))
+    ours = [c.__name__ for c in found if c.__module__.startswith("sft_plugins.")]
+    return frozenset(ours + [f"{name}Backward" for name in ours])
 
 
 def kind_of(name: str, ancestors: list[str], input_shapes: Any, lora_rank: int | None,
             plugin_nodes: frozenset[str] = frozenset()) -> str:
     """What an op (or a range's own kernels) is, for the step's time table: whole plugin regions first (the
     optimizer step, the CE head, the offload copies), then by the op itself; a GEMM with a dimension equal to
-    the LoRA rank is adapter work. Kernels a plugin range or a plugin Function's backward node (one of
-    ``plugin_nodes``) launched itself are the plugins' Triton kernels."""
+    the LoRA rank is adapter work. Kernels a plugin range or a plugin Function's event (one of ``plugin_nodes``)
+    launched itself are the plugins' Triton kernels."""
     if any(a.startswith("Optimizer.step") or a.startswith("Optimizer.zero_grad") for a in ancestors) \
             or name.startswith("Optimizer.step"):
         return "optimizer"
