@@ -45,18 +45,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def dataset(n: int, maxlen: int, vocab: int, seed: int = 0, fixed_len: int | None = None):
-    """The reference workload's data: lognormal(5.8, 0.8) lengths clipped to [24, maxlen], ids in
+    """The reference workload's data: ``sft_plugins.embedded.build_token_dataset``'s lengths, ids in
     [100, 128000) (capped below the pad/eos ids for small vocabularies); ``fixed_len``: all that long."""
-    import numpy as np
-    from datasets import Dataset
+    from sft_plugins.embedded import build_token_dataset
 
-    rng = np.random.default_rng(seed)
-    if fixed_len:
-        lens = np.full(n, fixed_len, dtype=int)
-    else:
-        lens = np.clip(rng.lognormal(mean=5.8, sigma=0.8, size=n), 24, maxlen).astype(int)
-    hi = min(128000, vocab - 2)
-    return Dataset.from_dict({"input_ids": [rng.integers(100, hi, size=int(L)).tolist() for L in lens]})
+    return build_token_dataset(n, maxlen, vocab, seed, low_id=100, high_id=min(128000, vocab - 2),
+                               fixed_length=fixed_len)
 
 
 def tokenizer(vocab: int):

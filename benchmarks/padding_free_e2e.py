@@ -54,14 +54,12 @@ def versions() -> dict[str, str | None]:
 
 
 def dataset(n: int, maxlen: int, vocab: int, seed: int = 0):
-    """The reference workload's data: lognormal(5.8, 0.8) lengths clipped to [24, maxlen], random token ids."""
-    import numpy as np
-    from datasets import Dataset
+    """The reference workload's data (``sft_plugins.embedded.build_token_dataset``'s lengths, ids in
+    [100, vocab - 2)) and its mean length."""
+    from sft_plugins.embedded import build_token_dataset
 
-    rng = np.random.default_rng(seed)
-    lens = np.clip(rng.lognormal(mean=5.8, sigma=0.8, size=n), 24, maxlen).astype(int)
-    rows = {"input_ids": [rng.integers(100, vocab - 2, size=int(L)).tolist() for L in lens]}
-    return Dataset.from_dict(rows), float(lens.mean())
+    ds = build_token_dataset(n, maxlen, vocab, seed, low_id=100, high_id=vocab - 2)
+    return ds, sum(map(len, ds["input_ids"])) / n
 
 
 def tokenizer(vocab: int):

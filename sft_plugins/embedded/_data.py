@@ -72,13 +72,19 @@ def build_dataset(n: int = 512, form: str = "conversational", seed: int = 0, max
 LONG_TAIL = "long-tail"
 
 
-def build_token_dataset(n: int, max_length: int = 2048, vocab_size: int = 512, seed: int = 0):
+def build_token_dataset(n: int, max_length: int = 2048, vocab_size: int = 512, seed: int = 0, *, low_id: int = 3,
+                        high_id: int | None = None, fixed_length: int | None = None):
     """A pre-tokenized dataset with SFT-like, long-tailed lengths: lognormal (median ~330 tokens, sigma 0.8)
-    clipped to [24, max_length], random ids in [3, vocab_size). For GPU measurements, where ~30-token
-    examples would time the host, not the plugins; every token is a label (full-sequence loss)."""
+    clipped to [24, max_length] (or all ``fixed_length`` long, with no length draw), random ids in
+    [low_id, high_id or vocab_size). For GPU measurements, where ~30-token examples would time the host, not
+    the plugins; every token is a label (full-sequence loss)."""
     import numpy as np
     from datasets import Dataset
 
     rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.lognormal(mean=5.8, sigma=0.8, size=n), 24, max_length).astype(int)
-    return Dataset.from_dict({"input_ids": [rng.integers(3, vocab_size, size=k).tolist() for k in lengths]})
+    if fixed_length:
+        lengths = np.full(n, fixed_length, dtype=int)
+    else:
+        lengths = np.clip(rng.lognormal(mean=5.8, sigma=0.8, size=n), 24, max_length).astype(int)
+    high = vocab_size if high_id is None else high_id
+    return Dataset.from_dict({"input_ids": [rng.integers(low_id, high, size=int(k)).tolist() for k in lengths]})
