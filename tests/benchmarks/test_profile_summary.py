@@ -1,4 +1,4 @@
-"""The end-to-end benchmark's profile arithmetic, on stand-in profiler events (the GPU run is where it is used)."""
+"""The end-to-end benchmark's summary arithmetic (profile, device busy time, warm-up), on stand-in records (the GPU run is where it is used)."""
 
 import sys
 from pathlib import Path
@@ -89,3 +89,24 @@ def test_a_plugin_functions_nodes_are_counted_as_plugin_kernels():
     assert kinds.get("plugin kernels (Triton)", 0.0) < 1.5 and kinds.get("elementwise and other ops", 0.0) >= 1.5
     assert _e2e_profile.kind_of(_e2e_profile._NODE_PREFIX + "_StubPluginOpBackward", [], [], None,
                                 frozenset({"_StubPluginOpBackward"})) == "plugin kernels (Triton)"
+
+
+def test_an_arm_still_warming_up_is_named_beside_the_target():
+    """The end-to-end summary compares the halves of each arm's timed steps: an arm whose second half ran more
+    than 10% faster was still warming up, and the target line says so."""
+    import end_to_end
+
+    def arm(times, peer=False):
+        steps = [{"step": i + 1, "time_s": t, "real_tokens": 1000} for i, t in enumerate(times)]
+        return {"status": "ok", "peer": peer, "workload": "short", "lora": True, "per_step": steps,
+                "timed_steps": len(times) - 2, "tokens_per_s": 1000 / (sum(times[2:]) / (len(times) - 2)),
+                "s_per_step": sum(times[2:]) / (len(times) - 2), "tokens_per_step": 1000, "mfu": 0.1, "peak_GiB": 1.0}
+
+    out = {"arms": {"ours_all": arm([5, 1, 1, 1, 1, 1, 1, 1]),
+                    "unsloth_packing": arm([9, 3, 2, 2, 2, 1.5, 1.5, 1.5], peer=True)}}
+    end_to_end.summarise(out)
+    assert out["arms"]["ours_all"]["second_half_speedup"] == 1.0
+    assert out["arms"]["unsloth_packing"]["second_half_speedup"] == round(2 / 1.5, 3)  # 2 s a step, then 1.5
+    assert out["summary"]["target"]["warming_up"] == {"unsloth_packing": 1.333}
+    assert "unsloth_packing ran 1.333x faster over the second half" in end_to_end.table(out)
+    assert end_to_end.second_half_speedup({"timed_steps": 3, "per_step": out["arms"]["ours_all"]["per_step"]}) is None
