@@ -1,5 +1,6 @@
 """The project's kernels, and the only way into them: the fused linear + cross-entropy head (Triton on
-CUDA, Triton interpreter or torch on CPU), the 8-bit blockwise AdamW step (adamw_8bit on CUDA), and the
+CUDA, Triton interpreter or torch on CPU), the 8-bit blockwise AdamW step, one tensor or many in one launch
+(adamw_8bit on CUDA), and the
 SwiGLU and RMSNorm forward/backward of smart_checkpointing's lean recompute.
 
 Imports only torch (and, lazily, triton); no transformers. Environment settings: ``_backend.CE_SETTINGS``.
@@ -12,8 +13,10 @@ import torch
 from ._function import CEStats, _apply
 
 __all__ = [
+    "Adam8bitUpdate",
     "CEStats",
     "adam8bit_blockwise_step_",
+    "adam8bit_blockwise_step_grouped_",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_stats",
     "rmsnorm_backward",
@@ -24,6 +27,8 @@ __all__ = [
 
 # Loaded on first use (module __getattr__, PEP 562): the cross-entropy path does not import them.
 _LAZY = {
+    "Adam8bitUpdate": "._triton_adam8bit",
+    "adam8bit_blockwise_step_grouped_": "._triton_adam8bit",
     "rmsnorm_forward": "._rmsnorm",
     "rmsnorm_backward": "._rmsnorm",
     "swiglu_forward": "._swiglu",

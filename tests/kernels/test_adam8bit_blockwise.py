@@ -99,3 +99,30 @@ def test_reference_follows_bitsandbytes(dtype):
         _bnb_step(bnb, grad, q1, q2, step, 0.01)
     # 5 steps: a code one apart moves its value's later updates by ~1e-4 of an update (seen: 1.2e-6)
     _assert_same_state(ref, bnb, absmax_rtol=1e-5, codes_apart=5e-3, param_rtol=1e-5, param_atol=5e-6)
+
+
+@needs_triton
+def test_grouped_launch_equals_one_launch_per_tensor():
+    """Tensors of several sizes, parameter dtypes and weight decays (one launch per dtype pair): the grouped
+    kernel's parameters, codes and scales equal the one-tensor kernel's bit for bit, non-finite grads included."""
+    q1, q2 = _maps()
+    cases = [(256, torch.float32, 0.0), (1000, torch.float32, 0.1), (4096 + 77, torch.float32, 0.0),
+             (3, torch.float32, 0.1), (2048 + 5, torch.bfloat16, 0.1), (300, torch.bfloat16, 0.0)]
+    ours = [_state(n, dtype, seed=i) for i, (n, dtype, _) in enumerate(cases)]
+    ref = [_clone(st) for st in ours]
+    for step in (1, 2):
+        grads = []
+        for i, (n, dtype, _) in enumerate(cases):
+            g = torch.randn(n, generator=torch.Generator().manual_seed(10 * step + i)).to(DEV, dtype) * 0.1
+            if step == 2 and n > 5:
+                g[5] = float("nan")
+            grads.append(g)
+        k.adam8bit_blockwise_step_grouped_(
+            [k.Adam8bitUpdate(st["param"], g, st["state1"], st["state2"], st["absmax1"], st["absmax2"],
+                              HP["beta1"], HP["beta2"], HP["eps"], step, HP["lr"], wd)
+             for st, g, (_, _, wd) in zip(ours, grads, cases)], q1, q2)
+        for st, g, (_, _, wd) in zip(ref, grads, cases):
+            k.adam8bit_blockwise_step_(grad=g, qmap1=q1, qmap2=q2, step=step, weight_decay=wd, **HP, **st)
+        for a, b in zip(ours, ref):
+            for key in a:
+                assert torch.equal(a[key], b[key]), key

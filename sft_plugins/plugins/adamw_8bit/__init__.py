@@ -21,8 +21,8 @@ refused by the core whenever a plugin supplies the optimizer.
 
 The step (non-paged, CUDA) calls the kernels directly instead of through bitsandbytes' per-parameter
 Python (a device sync and ~100 us of host work per tensor); the 8-bit updates run in our Triton kernel
-(``sft_plugins.kernels.adam8bit_blockwise_step_``: bitsandbytes' state format and CUDA arithmetic, twice
-its speed),
+(``sft_plugins.kernels.adam8bit_blockwise_step_grouped_``: bitsandbytes' state format and CUDA arithmetic,
+twice its speed; all of a step's 8-bit tensors in one launch),
 ``kernel="bitsandbytes"`` keeps its own. Paged and CPU optimizers step exactly as bitsandbytes does.
 
 torch, transformers and bitsandbytes are imported inside functions only: listing plugins stays cheap.

@@ -138,14 +138,18 @@ def optimizer_classes() -> dict[bool, type]:
                         self.initialized = True
                     kernels = _cuda_adam_kernels(self.kernel) if self.optimizer_name == "adam" else None
                     device = torch.cuda.current_device() if kernels is not None and torch.cuda.is_available() else None
+                    grouped: list[Any] = []  # the Triton 8-bit updates, launched together after the loop
                     for gindex, group in enumerate(self.param_groups):
                         for pindex, p in enumerate(group["params"]):
                             if p.grad is None:
                                 continue
                             if len(self.state[p]) == 0:
                                 self.init_state(group, p, gindex, pindex)
-                            if device is None or not _launch_adam(kernels, self, group, p, gindex, pindex, device):
+                            if device is None or not _launch_adam(kernels, self, group, p, gindex, pindex, device,
+                                                                  grouped):
                                 self.update_step(group, p, gindex, pindex)
+                    if grouped:
+                        _launch_grouped(kernels, self, grouped)
                     return loss
 
         Cls.__name__ = Cls.__qualname__ = base.__name__ + "FP32Embeddings"
@@ -158,8 +162,8 @@ def optimizer_classes() -> dict[bool, type]:
 @functools.cache
 def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
     """bitsandbytes' compiled Adam kernels ``{"8bit": (fp32, fp16, bf16), "32bit": (...)}`` (and, for
-    ``kernel="triton"``, our 8-bit step as ``"triton"``), or None when bitsandbytes' CUDA library is not
-    loaded (CPU builds, other backends): then bitsandbytes' own path runs."""
+    ``kernel="triton"``, our grouped 8-bit step and its update record as ``"triton"``), or None when
+    bitsandbytes' CUDA library is not loaded (CPU builds, other backends): then bitsandbytes' own path runs."""
     try:
         import ctypes
 
@@ -173,17 +177,18 @@ def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
         try:
             import triton  # noqa: F401  (the kernel compiles lazily: check Triton is there now)
 
-            from ...kernels import adam8bit_blockwise_step_
+            from ...kernels import Adam8bitUpdate, adam8bit_blockwise_step_grouped_
 
-            found["triton"] = adam8bit_blockwise_step_
+            found["triton"] = (adam8bit_blockwise_step_grouped_, Adam8bitUpdate)
         except Exception:  # noqa: BLE001 - no usable Triton: bitsandbytes' kernel does the 8-bit updates
             found["triton"] = None
     return found
 
 
 def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int,
-                 device: int) -> bool:
-    """One parameter's Adam update through bitsandbytes' compiled kernel, called directly.
+                 device: int, grouped: list[Any]) -> bool:
+    """One parameter's Adam update through bitsandbytes' compiled kernel, called directly, or, for an 8-bit
+    state with ``kernel="triton"``, queued on ``grouped`` for :func:`_launch_grouped`.
 
     bitsandbytes' ``update_step`` reaches the same kernel through ~100 us of Python per parameter
     (re-assigning ``.data``/``.grad``, a config dict, an ``is_on_gpu`` scan, the torch.library dispatch,
@@ -215,9 +220,9 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
     f32 = ct.c_float
     common = (f32(betas[0]), f32(betas[1]), f32(0.0), f32(0.0), f32(config["eps"]))
     if bits == "8bit" and kernels["triton"] is not None:
-        kernels["triton"](p, grad, state1, state["state2"], state["qmap1"], state["qmap2"], state["absmax1"],
-                          state["absmax2"], beta1=betas[0], beta2=betas[1], eps=config["eps"], step=state["step"],
-                          lr=config["lr"], weight_decay=config["weight_decay"])
+        update = kernels["triton"][1]
+        grouped.append(update(p, grad, state1, state["state2"], state["absmax1"], state["absmax2"], betas[0],
+                              betas[1], config["eps"], state["step"], config["lr"], config["weight_decay"]))
     elif bits == "8bit":
         kernels[bits][dtype_index](
             ptr(p), ptr(grad), ptr(state1), ptr(state["state2"]), *common, ct.c_int32(state["step"]),
@@ -230,6 +235,18 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
             f32(config["weight_decay"]), ct.c_int32(state["step"]), f32(config["lr"]), f32(1.0),
             ct.c_bool(config["skip_zeros"]), ct.c_int32(grad.numel()))
     return True
+
+
+def _launch_grouped(kernels: dict[str, Any], opt: Any, updates: list[Any]) -> None:
+    """The queued 8-bit updates in one Triton launch per (dtype pair, maps): with LoRA's hundreds of small
+    adapters, one launch each made the step launch-bound. Each parameter's maps are its state's."""
+    by_maps: dict[tuple[int, int], list[Any]] = {}
+    for u in updates:
+        state = opt.state[u.param]
+        by_maps.setdefault((id(state["qmap1"]), id(state["qmap2"])), []).append(u)
+    for group in by_maps.values():
+        state = opt.state[group[0].param]
+        kernels["triton"][0](group, state["qmap1"], state["qmap2"])
 
 
 def find_optimizer(optimizer: Any) -> Any:

@@ -176,3 +176,33 @@ def test_step_without_per_parameter_syncs_equals_bitsandbytes(device, dtype, ker
     assert len(generic_calls) == (0 if device == "cuda" else 3 * len(shapes))
     assert ours.state[ours_params[0]]["state1"].dtype == torch.uint8
     assert ours.state[ours_params[2]]["state1"].dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_8bit_updates_go_out_in_one_grouped_launch_per_step(monkeypatch):
+    """A LoRA-like set of many small 8-bit tensors: each step hands all of them to one grouped launch (not
+    one launch per tensor), and the result equals the one-tensor kernel's, bit for bit."""
+    from sft_plugins.kernels import adam8bit_blockwise_step_
+    from sft_plugins.plugins.adamw_8bit import optimizer as optimizer_module
+
+    torch.manual_seed(0)
+    params = [torch.randn(16, 512 + 64 * i, device="cuda", requires_grad=True) for i in range(24)]
+    opt = optimizer_classes()[False](params, lr=1e-3, weight_decay=0.01, kernel="triton")
+    launches = []
+    real = optimizer_module._launch_grouped
+    monkeypatch.setattr(optimizer_module, "_launch_grouped",
+                        lambda kernels, o, updates: (launches.append(len(updates)), real(kernels, o, updates)))
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.1
+    opt.step()  # creates the state, then steps
+    assert launches == [len(params)]
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)})
+              for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.1
+    opt.step()
+    assert launches == [len(params)] * 2
+    for p, (p0, st) in zip(params, before):  # the same step, one tensor at a time
+        adam8bit_blockwise_step_(p0, p.grad, st["state1"], st["state2"], st["qmap1"], st["qmap2"], st["absmax1"],
+                                 st["absmax2"], beta1=0.9, beta2=0.999, eps=1e-8, step=2, lr=1e-3, weight_decay=0.01)
+        assert torch.equal(p0, p.detach()) and torch.equal(st["state1"], opt.state[p]["state1"])
