@@ -1,7 +1,6 @@
 """The project's kernels, and the only way into them: the fused linear + cross-entropy head (Triton on
 CUDA, Triton interpreter or torch on CPU), the 8-bit blockwise AdamW step, one tensor or many in one launch
-(adamw_8bit on CUDA), and the
-SwiGLU and RMSNorm forward/backward of smart_checkpointing's lean recompute.
+(adamw_8bit on CUDA), and the SwiGLU and RMSNorm forward/backward of smart_checkpointing's lean recompute.
 
 Imports only torch (and, lazily, triton); no transformers. Environment settings: ``_backend.CE_SETTINGS``.
 """

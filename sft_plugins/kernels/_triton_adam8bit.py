@@ -117,8 +117,8 @@ def _adam8bit_grouped_kernel(
     addr_ptr, const_ptr, numel_ptr, prog_tensor_ptr, prog_block_ptr, qmap1_ptr, qmap2_ptr,
     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, BLOCKS: tl.constexpr, QBLOCK: tl.constexpr,
 ):
-    """Many tensors in one launch: program ``pid`` steps blocks ``prog_block[pid]`` on of tensor
-    ``prog_tensor[pid]``, whose six addresses (param, grad, state1, state2, absmax1, absmax2) and seven step
+    """Many tensors in one launch: program ``pid`` steps ``BLOCKS`` blocks, from ``prog_block[pid]`` on, of
+    tensor ``prog_tensor[pid]``, whose six addresses (param, grad, state1, state2, absmax1, absmax2) and seven step
     constants are its rows of ``addr`` and ``const``. Decay is always applied: 1.0 without weight decay
     leaves the rounded parameter as it is, so the result equals the one-tensor kernel's either way."""
     pid = tl.program_id(0)

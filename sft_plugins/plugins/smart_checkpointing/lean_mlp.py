@@ -142,7 +142,7 @@ class _LeanSwiGLU(torch.autograd.Function):
 class LeanForward:
     """The ``forward`` installed on one SwiGLU MLP: the lean function when a graph is being built and the
     projections are fusable at call time (adapters can change), the module's own forward otherwise.
-    ``output_unused`` is this MLP's own flag, set only around its layer's recompute (``output_unused``)."""
+    ``output_unused`` is this MLP's own flag, set only around its layer's recompute by :func:`output_unused`."""
 
     def __init__(self, mlp: torch.nn.Module, inner: Callable[..., Any]) -> None:
         self.mlp, self.inner, self.output_unused = mlp, inner, False
