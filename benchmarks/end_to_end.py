@@ -215,8 +215,9 @@ def liger_ready() -> str | None:
 # -- summary, table, plot ---------------------------------------------------------------------------
 def second_half_speedup(r: dict[str, Any]) -> float | None:
     """Real tokens/s over the second half of an arm's timed steps over that of the first half: above
-    :data:`WARMING_UP` the arm was still warming up when timing began (Unsloth compiles over its first ~10
-    steps), and a longer ``--warmup`` measures its steady state. None with fewer than 4 timed steps."""
+    :data:`WARMING_UP` the arm was still warming up when timing began (Unsloth's packed arm speeds up over
+    its first ~10 steps and beyond), and a longer ``--warmup`` measures its steady state. None with fewer than
+    4 timed steps."""
     n = r.get("timed_steps") or 0
     timed = (r.get("per_step") or [])[-n:] if n else []
     if len(timed) < 4:
