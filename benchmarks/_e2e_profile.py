@@ -30,7 +30,7 @@ KINDS = ("base GEMMs", "LoRA adapter GEMMs", "casts and copies", "elementwise an
 def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float], step_s: float | None,
                     lora_rank: int | None) -> dict[str, Any]:
     """Top kernels/ops, coarse categories, ``ranges_ms``, ``kinds_ms`` (and their recompute part), and on CUDA
-    the device's busy time per step against the unprofiled step time."""
+    the device's busy time per step against the unprofiled step time and where its idle time went."""
     events = prof.key_averages()
 
     def dev(e: Any) -> float:
@@ -59,6 +59,7 @@ def profile_summary(prof: Any, spec: dict[str, Any], step_walls_s: list[float], 
            "ranges_ms": ranges,
            "kinds_ms": kinds, "recompute_kinds_ms": recompute,
            **(device_busy(prof, step_walls_s, step_s) if cuda else {}),
+           **(idle_attribution(prof, len(step_walls_s)) if cuda and step_walls_s else {}),
            "top": [{"name": e.key[:120], "ms": round(key(e) / 1e3, 3), "calls": e.count} for e in top]}
     pdir = spec.get("profile_dir")
     if pdir:
@@ -176,3 +177,60 @@ def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = Non
     step_ms = 1e3 * step_s if step_s else wall_ms
     return {"profiled_step_wall_ms": round(wall_ms, 1), "step_ms": round(step_ms, 1),
             "device_busy_ms": round(busy_ms, 1), "host_gap_ms": round(max(0.0, step_ms - busy_ms), 1)}
+
+
+def _innermost_at(host: list[Any], times: list[float]) -> list[Any]:
+    """For each time (ascending), the innermost host event running then (the latest-started one), or None."""
+    import heapq
+
+    order = sorted(range(len(host)), key=lambda i: host[i].time_range.start)
+    active: list[tuple[float, int]] = []
+    found, k = [], 0
+    for t in times:
+        while k < len(order) and host[order[k]].time_range.start <= t:
+            heapq.heappush(active, (host[order[k]].time_range.end, order[k]))
+            k += 1
+        while active and active[0][0] < t:
+            heapq.heappop(active)
+        found.append(host[max(active, key=lambda a: host[a[1]].time_range.start)[1]] if active else None)
+    return found
+
+
+def _scope(event: Any) -> str:
+    while event is not None:
+        if event.name.startswith(("sft_plugins.", "Optimizer.")):
+            return event.name
+        event = event.cpu_parent
+    return "other"
+
+
+def idle_attribution(prof: Any, n_steps: int, min_gap_us: float = 5.0) -> dict[str, Any]:
+    """Where the device waited for the host, over the profiled steps (so the profiler's own host overhead is in
+    them), in ms per step: each gap with no kernel or copy on any stream, longer than ``min_gap_us``, is charged
+    to the plugin range or optimizer step around the host op running when it ended, the one launching the next
+    work (``idle_ms_by_scope``), and to the host op running when it began (``idle_ms_by_op_at_start``: a sync
+    such as ``aten::item`` there is what drained the queue; "(no op)": Python between ops)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
+    gaps, end = [], None
+    for a, b in spans:
+        if end is not None and a - end > min_gap_us:
+            gaps.append((end, a))
+        end = b if end is None else max(end, b)
+    if not gaps:
+        return {}
+    host = [e for e in prof.events() if not str(e.device_type).endswith("CUDA")]
+    by_scope: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    ends, starts = _innermost_at(host, [b for _, b in gaps]), _innermost_at(host, [a for a, _ in gaps])
+    for (a, b), ended, began in zip(gaps, ends, starts):  # the gaps, and so their ends and starts, ascend
+        scope = _scope(ended)
+        by_scope[scope] = by_scope.get(scope, 0.0) + (b - a)
+        op = began.name if began is not None else "(no op)"
+        by_op[op] = by_op.get(op, 0.0) + (b - a)
+
+    def top(d: dict[str, float], n: int) -> dict[str, float]:
+        return {k: round(v / 1e3 / n_steps, 2) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:n]}
+
+    return {"idle_gaps_per_step": round(len(gaps) / n_steps, 1), "idle_ms_by_scope": top(by_scope, 10),
+            "idle_ms_by_op_at_start": top(by_op, 10)}

@@ -110,3 +110,27 @@ def test_an_arm_still_warming_up_is_named_beside_the_target():
     assert out["summary"]["target"]["warming_up"] == {"unsloth_packing": 1.333}
     assert "unsloth_packing ran 1.333x faster over the second half" in end_to_end.table(out)
     assert end_to_end.second_half_speedup({"timed_steps": 3, "per_step": out["arms"]["ours_all"]["per_step"]}) is None
+
+
+def test_idle_time_is_charged_to_the_host_scope_that_ended_it_and_the_op_that_began_it():
+    """Device gaps (all streams together): one ended inside the CE head's range, two inside the optimizer step,
+    one that began while the host sat in a sync (``aten::item``); short gaps and range spans do not count."""
+
+    def host(name, start, end, parent=None):
+        return SimpleNamespace(name=name, time_range=SimpleNamespace(start=start, end=end), device_type="DeviceType.CPU",
+                               is_user_annotation=False, cpu_parent=parent)
+
+    step = host("ProfilerStep#1", 0, 2000)
+    ce = host("sft_plugins.fused_ce", 80, 320, step)
+    item = host("aten::item", 480, 690, step)
+    opt = host("Optimizer.step#AdamW.step", 695, 1000, step)
+    events = [step, ce, host("aten::mm", 140, 160, ce), item, opt, host("aten::add_", 760, 790, opt),
+              _event(0, 100), _event(150, 300), _event(302, 500),  # a 2 us gap: not counted
+              _event(700, 720), _event(780, 1000), _event(0, 2000, annotation=True)]
+    out = _e2e_profile.idle_attribution(SimpleNamespace(events=lambda: events), n_steps=2)
+    # gaps: 100-150 (ends in the CE range), 500-700 (begins in aten::item, ends in the optimizer), 720-780
+    assert out["idle_gaps_per_step"] == 1.5
+    assert out["idle_ms_by_scope"] == {"Optimizer.step#AdamW.step": 0.13, "sft_plugins.fused_ce": 0.03}
+    assert out["idle_ms_by_op_at_start"] == {"aten::item": 0.1, "Optimizer.step#AdamW.step": 0.03,
+                                             "sft_plugins.fused_ce": 0.03}
+    assert _e2e_profile.idle_attribution(SimpleNamespace(events=lambda: [_event(0, 10)]), 1) == {}
