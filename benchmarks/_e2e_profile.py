@@ -157,6 +157,19 @@ def attribute(prof: Any, cuda: bool, lora_rank: int | None) -> tuple[dict[str, f
         {k: round(recompute[k] / 1e3, 2) for k in KINDS if k in recompute}
 
 
+def _busy_intervals(prof: Any) -> list[list[float]]:
+    """The intervals in which at least one kernel or copy ran on the device: their spans on all streams,
+    overlaps merged (overlapped copies count once); device-side spans of ranges left out."""
+    merged: list[list[float]] = []
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if str(e.device_type).endswith("CUDA") and not e.is_user_annotation):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+
+
 def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = None) -> dict[str, Any]:
     """Per profiled step: the time at least one kernel or copy ran on the device (the union of their intervals
     over all streams, so overlapped copies count once); the profiled step's wall time; and the host gap, the
@@ -164,14 +177,7 @@ def device_busy(prof: Any, step_walls_s: list[float], step_s: float | None = Non
     the busy time."""
     if not step_walls_s:
         return {}
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
-    busy, end = 0.0, float("-inf")
-    for a, b in spans:
-        if a > end:
-            busy, end = busy + (b - a), b
-        elif b > end:
-            busy, end = busy + (b - end), b
+    busy = sum(b - a for a, b in _busy_intervals(prof))
     n = len(step_walls_s)
     wall_ms, busy_ms = 1e3 * sum(step_walls_s) / n, busy / 1e3 / n
     step_ms = 1e3 * step_s if step_s else wall_ms
@@ -210,13 +216,8 @@ def idle_attribution(prof: Any, n_steps: int, min_gap_us: float = 5.0) -> dict[s
     to the plugin range or optimizer step around the host op running when it ended, the one launching the next
     work (``idle_ms_by_scope``), and to the host op running when it began (``idle_ms_by_op_at_start``: a sync
     such as ``aten::item`` there is what drained the queue; "(no op)": Python between ops)."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if str(e.device_type).endswith("CUDA") and not e.is_user_annotation)
-    gaps, end = [], None
-    for a, b in spans:
-        if end is not None and a - end > min_gap_us:
-            gaps.append((end, a))
-        end = b if end is None else max(end, b)
+    busy = _busy_intervals(prof)
+    gaps = [(prev[1], nxt[0]) for prev, nxt in zip(busy, busy[1:]) if nxt[0] - prev[1] > min_gap_us]
     if not gaps:
         return {}
     host = [e for e in prof.events() if not str(e.device_type).endswith("CUDA")]
