@@ -162,8 +162,9 @@ def optimizer_classes() -> dict[bool, type]:
 @functools.cache
 def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
     """bitsandbytes' compiled Adam kernels ``{"8bit": (fp32, fp16, bf16), "32bit": (...)}`` (and, for
-    ``kernel="triton"``, our grouped 8-bit step and its update record as ``"triton"``), or None when
-    bitsandbytes' CUDA library is not loaded (CPU builds, other backends): then bitsandbytes' own path runs."""
+    ``kernel="triton"``, our grouped 8-bit step as ``"triton"`` and its update record as ``"triton_update"``),
+    or None when bitsandbytes' CUDA library is not loaded (CPU builds, other backends): then bitsandbytes' own
+    path runs."""
     try:
         import ctypes
 
@@ -179,7 +180,7 @@ def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
 
             from ...kernels import Adam8bitUpdate, adam8bit_blockwise_step_grouped_
 
-            found["triton"] = (adam8bit_blockwise_step_grouped_, Adam8bitUpdate)
+            found["triton"], found["triton_update"] = adam8bit_blockwise_step_grouped_, Adam8bitUpdate
         except Exception:  # noqa: BLE001 - no usable Triton: bitsandbytes' kernel does the 8-bit updates
             found["triton"] = None
     return found
@@ -220,9 +221,9 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
     f32 = ct.c_float
     common = (f32(betas[0]), f32(betas[1]), f32(0.0), f32(0.0), f32(config["eps"]))
     if bits == "8bit" and kernels["triton"] is not None:
-        update = kernels["triton"][1]
-        grouped.append(update(p, grad, state1, state["state2"], state["absmax1"], state["absmax2"], betas[0],
-                              betas[1], config["eps"], state["step"], config["lr"], config["weight_decay"]))
+        grouped.append(kernels["triton_update"](
+            p, grad, state1, state["state2"], state["absmax1"], state["absmax2"], betas[0], betas[1],
+            config["eps"], state["step"], config["lr"], config["weight_decay"]))
     elif bits == "8bit":
         kernels[bits][dtype_index](
             ptr(p), ptr(grad), ptr(state1), ptr(state["state2"]), *common, ct.c_int32(state["step"]),
@@ -246,7 +247,7 @@ def _launch_grouped(kernels: dict[str, Any], opt: Any, updates: list[Any]) -> No
         by_maps.setdefault((id(state["qmap1"]), id(state["qmap2"])), []).append(u)
     for group in by_maps.values():
         state = opt.state[group[0].param]
-        kernels["triton"][0](group, state["qmap1"], state["qmap2"])
+        kernels["triton"](group, state["qmap1"], state["qmap2"])
 
 
 def find_optimizer(optimizer: Any) -> Any:
