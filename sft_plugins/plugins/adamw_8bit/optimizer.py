@@ -241,13 +241,13 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
 def _launch_grouped(kernels: dict[str, Any], opt: Any, updates: list[Any]) -> None:
     """The queued 8-bit updates in one Triton launch per (dtype pair, maps): with LoRA's hundreds of small
     adapters, one launch each made the step launch-bound. Each parameter's maps are its state's."""
-    by_maps: dict[tuple[int, int], list[Any]] = {}
+    by_maps: dict[tuple[int, int], tuple[Any, Any, list[Any]]] = {}
     for u in updates:
         state = opt.state[u.param]
-        by_maps.setdefault((id(state["qmap1"]), id(state["qmap2"])), []).append(u)
-    for group in by_maps.values():
-        state = opt.state[group[0].param]
-        kernels["triton"](group, state["qmap1"], state["qmap2"])
+        maps = by_maps.setdefault((id(state["qmap1"]), id(state["qmap2"])), (state["qmap1"], state["qmap2"], []))
+        maps[2].append(u)
+    for qmap1, qmap2, group in by_maps.values():
+        kernels["triton"](group, qmap1, qmap2)
 
 
 def find_optimizer(optimizer: Any) -> Any:
