@@ -13,7 +13,8 @@ layer's input lives on the host in between (side stream, pinned buffers reused e
 back one layer ahead). Exactness: the same ops run in the recompute, with the RNG and autocast state
 of the forward, so losses and gradients equal those without checkpointing; the lean recompute
 (``lean_mlp``, ``lean_norm``) runs the SwiGLU MLP and the RMSNorms as fused functions with the same
-math, equal up to summation order. Under FSDP2 the recompute accumulates into the unsharded parameters
+math, equal up to summation order; ``lean_lora_cast`` skips PEFT's fp32 copy of each LoRA input where
+autocast casts it straight back (the same values). Under FSDP2 the recompute accumulates into the unsharded parameters
 FSDP swaps in, and FSDP reduce-scatters them.
 
 torch and transformers are imported inside functions only: listing plugins stays cheap.
@@ -61,6 +62,9 @@ OPTIONS = [
            "the GPU, as many as fit", choices=("tight", "auto"), type=float, minimum=0),
     Option("lean_norm", "auto", "Llama-style RMSNorms through a fused recompute keeping no fp32 copy of their "
            "input; auto: where it applies", type=bool, choices=("auto",)),
+    Option("lean_lora_cast", True, "under autocast, PEFT LoRA layers in the checkpointed layers skip casting "
+           "their input to the fp32 adapters' dtype, a copy autocast casts straight back (same values, no "
+           "dropout or LoRA variant)", type=bool),
 ]
 
 

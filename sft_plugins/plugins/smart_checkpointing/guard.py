@@ -11,7 +11,8 @@ from .patch import NAME, Patch
 
 
 class SmartCheckpointingGuard(TrainerCallback):
-    """Fails loudly if something replaced our checkpointing after prepare() (a silent no-op otherwise)."""
+    """Fails loudly if something replaced our checkpointing after prepare() (a silent no-op otherwise); at train
+    begin, also gives ``lean_lora_cast`` to the LoRA layers the trainer added after prepare()."""
 
     def __init__(self, patch: Patch) -> None:
         self.patch = patch
@@ -28,6 +29,7 @@ class SmartCheckpointingGuard(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._check(args, kwargs.get("model"))
+        self.patch.install_lora_casts()
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._check(args, kwargs.get("model"))

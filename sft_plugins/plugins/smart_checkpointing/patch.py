@@ -68,10 +68,31 @@ class Patch:
     active: bool = True  # False once undone: the guard then has nothing to check
     plans: list[Any] = field(default_factory=list)  # per checkpointed layer, in order (checkpoint.LayerPlan)
     budget: Any = None  # budget.BudgetState when a memory_budget other than "tight" is set
+    lean_lora_cast: bool = False  # the option: our input cast on the layers' PEFT LoRA layers
+    lora_casts: set[int] = field(default_factory=set)  # ids of the LoRA layers given it
 
     def intact(self) -> bool:
         return all(layer.__dict__.get("_gradient_checkpointing_func") is self.funcs[id(layer)]
                    for layer in self.layers if id(layer) in self.funcs)
+
+    def install_lora_casts(self) -> int:
+        """Our ``_cast_input_dtype`` (lora_cast.py) on the checkpointed layers' PEFT LoRA layers that do not have
+        it yet; returns how many got it. Runs at prepare() and again when training begins, since
+        ``SFTTrainer(peft_config=...)`` adds the LoRA layers after prepare()."""
+        from .lora_cast import lora_cast_modules, make_lean_cast
+
+        if not (self.active and self.lean_lora_cast):
+            return 0
+        added = 0
+        for layer in self.layers:
+            for module in lora_cast_modules(layer):
+                if id(module) in self.lora_casts:
+                    continue
+                self.saved.append((module, {"_cast_input_dtype": module.__dict__.get("_cast_input_dtype", _MISSING)}))
+                module._cast_input_dtype = make_lean_cast(module)
+                self.lora_casts.add(id(module))
+                added += 1
+        return added
 
 
 def patch_of(model: Any) -> Patch | None:
@@ -143,7 +164,7 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
     every = opts["every_n_layers"]
     checkpointed = [layer for i, layer in enumerate(layers) if i % every == 0]
     keep_from = len(checkpointed) - opts["keep_last_on_gpu"]
-    patch = Patch(offloader, checkpointed)
+    patch = Patch(offloader, checkpointed, lean_lora_cast=opts["lean_lora_cast"])
     if opts["memory_budget"] != "tight":
         from .budget import BudgetState
 
@@ -189,6 +210,7 @@ def _apply(model: Any, args: Any, opts: dict[str, Any]) -> Patch:
         logger.warning("%s: lean_mlp left %d MLPs with 8-bit (LLM.int8()) projections to bitsandbytes' own "
                        "forward in the recompute: int8 activation quantisation has no exact dense equivalent",
                        NAME, int8_mlps)
+    patch.install_lora_casts()  # a model the user wrapped with PEFT already; the trainer's callback does the rest
     n_keep = min(opts["keep_last_on_gpu"], len(checkpointed))
     cfg = offloader.config
     logger.info("%s: %d of %d layers checkpointed, mode=%s, last %d kept on the GPU, host budget %.1f GiB, "
