@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ..shared import is_dtensor, is_fsdp_module, profile_range
 from .budget import saved_bytes_counter
-from .lean_mlp import output_unused, output_unused_in_recompute
+from .lean_mlp import during_first_forward, output_unused, output_unused_in_recompute
 from .offload import Offloader
 
 
@@ -66,7 +66,8 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             ctx.token = plan.offloader.save(x, plan.slot, plan.keep)  # copy starts before the layer runs
         if ctx.token.entry.where == "device":
             ctx.save_for_backward(x)
-        return run(x)
+        with during_first_forward(plan.lean_mlp):
+            return run(x)
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: Any) -> tuple[Any, ...]:

@@ -13,7 +13,9 @@ projection's weight gradients need once more. The product and its gradient exist
 quarter of the tokens on long inputs). Peak: 2¼ such tensors instead of ~8, the same products and sums
 (results equal to eager up to rounding order; chunked weight gradients are summed in fp32).
 
-Used only where a graph is built (the recompute); anything else falls back to the module's own forward.
+Used where a graph is built (the recompute) and in the layer's first forward, which runs without one (the
+same products as the recompute, none of PEFT's temporaries); anything else (evaluation, generation) falls
+back to the module's own forward.
 
 In a layer's recompute the MLP's output is only the root its gradient is fed into when the layer returns
 ``residual + mlp(...)`` (the backward of a sum does not read its operands): there the down projection's base
@@ -140,23 +142,28 @@ class _LeanSwiGLU(torch.autograd.Function):
 
 
 class LeanForward:
-    """The ``forward`` installed on one SwiGLU MLP: the lean function when a graph is being built and the
-    projections are fusable at call time (adapters can change), the module's own forward otherwise.
-    ``output_unused`` is this MLP's own flag, set only around its layer's recompute by :func:`output_unused`."""
+    """The ``forward`` installed on one SwiGLU MLP: the lean function when a graph is being built, or in its
+    checkpointed layer's first forward (no graph: the recompute builds it), and the projections are fusable
+    at call time (adapters can change); the module's own forward otherwise (evaluation, generation).
+    ``output_unused`` and ``first_forward`` are this MLP's own flags, set only around its layer's recompute
+    and first forward by :func:`output_unused` and :func:`during_first_forward`."""
 
     def __init__(self, mlp: torch.nn.Module, inner: Callable[..., Any]) -> None:
-        self.mlp, self.inner, self.output_unused = mlp, inner, False
+        self.mlp, self.inner, self.output_unused, self.first_forward = mlp, inner, False, False
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs or not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-1] == 0:
+        graph = torch.is_grad_enabled()
+        if args or kwargs or not (graph or self.first_forward) or x.dim() < 2 or x.shape[-1] == 0:
             return self.inner(x, *args, **kwargs)
         plan = _plan(self.mlp)
         if plan is None:
             return self.inner(x)
         projs, ts = plan
-        if not (x.requires_grad or any(t.requires_grad for t in ts)):
+        if graph and not (x.requires_grad or any(t.requires_grad for t in ts)):
             return self.inner(x)
-        skip_output = self.output_unused and not _has_forward_hooks(self.mlp)
+        # without a graph, the function runs its forward only: PEFT's temporaries (base + B(A(x))·s, silu(gate),
+        # the product) are not made, and the output has the products the recompute will make
+        skip_output = graph and self.output_unused and not _has_forward_hooks(self.mlp)
         return _LeanSwiGLU.apply(x, projs, skip_output, *ts)
 
 
@@ -195,13 +202,23 @@ def output_unused_in_recompute(layer: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def output_unused(lean: LeanForward | None, active: bool) -> Iterator[None]:
-    """Around a layer's recompute: whether its lean MLP may skip its output (``output_unused_in_recompute``)."""
+def _flag(lean: LeanForward | None, name: str, value: bool) -> Iterator[None]:
     if lean is None:
         yield
         return
-    before, lean.output_unused = lean.output_unused, active
+    before = getattr(lean, name)
+    setattr(lean, name, value)
     try:
         yield
     finally:
-        lean.output_unused = before
+        setattr(lean, name, before)
+
+
+def output_unused(lean: LeanForward | None, active: bool) -> contextlib.AbstractContextManager[None]:
+    """Around a layer's recompute: whether its lean MLP may skip its output (``output_unused_in_recompute``)."""
+    return _flag(lean, "output_unused", active)
+
+
+def during_first_forward(lean: LeanForward | None) -> contextlib.AbstractContextManager[None]:
+    """Around a checkpointed layer's first forward (run without a graph): its lean MLP makes the output."""
+    return _flag(lean, "first_forward", True)

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("chunks", [0, 2], ids=["whole", "chunked"])
 @pytest.mark.parametrize("h_rows", [None, 1], ids=["h_default", "h_row_chunks"])
 def test_parity_with_lean_mlp(tok, lora, chunks, h_rows, monkeypatch):
-    """The lean SwiGLU function in the recompute: same losses and gradients as no checkpointing (also with
-    its product made in row chunks, which tiny inputs otherwise never are)."""
+    """The lean SwiGLU function in the first forward and the recompute: same losses and gradients as no
+    checkpointing (also with its product made in row chunks, which tiny inputs otherwise never are)."""
     if h_rows is not None:
         monkeypatch.setattr(lean_mlp, "_MIN_CHUNK_ROWS", h_rows)
         assert len(lean_mlp._row_chunks(9)) == 3 and len(lean_mlp._row_chunks(40)) == 4
@@ -30,7 +30,8 @@ def test_parity_with_lean_mlp(tok, lora, chunks, h_rows, monkeypatch):
     monkeypatch.setattr(lean_mlp._LeanSwiGLU, "apply", lambda *a: (calls.append(1), apply(*a))[1])
     opts = {"offload": "always", "lean_mlp": True, "mlp_chunks": chunks}
     assert_same(run(tok, lora=lora, dropout=0.1, steps=6), run(tok, opts, lora=lora, dropout=0.1, steps=6))
-    assert len(calls) == 6 * 3 * max(chunks, 1)  # every layer's recompute (each chunk's) went through it
+    # every layer's first forward and its recompute (each chunk's) went through it
+    assert len(calls) == 6 * 3 * (1 + max(chunks, 1))
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
@@ -164,7 +165,9 @@ def test_gpu_lean_norm_bf16_lora_same_loss_less_memory(tok):
 
 
 def _down_gemms_in_recompute(monkeypatch):
-    """Counts the lean MLP's full down-projection GEMMs (``linear`` called with ``out=``) per recompute."""
+    """Records each projection the lean MLP makes: True for a full down-projection GEMM (``linear`` called with
+    ``out=``). A layer's first forward makes gate, up and down (False, False, True); its recompute gate and up,
+    and down only where the output may be read."""
     calls = []
     linear = lean_mlp.linear
     monkeypatch.setattr(lean_mlp, "linear",
@@ -182,7 +185,8 @@ def test_recompute_skips_the_mlp_output_nobody_reads(tok, lora, monkeypatch):
     calls = _down_gemms_in_recompute(monkeypatch)
     opts = {"offload": "always", "lean_mlp": True, "mlp_chunks": 0}
     assert_same(run(tok, lora=lora, dropout=0.1, steps=4), run(tok, opts, lora=lora, dropout=0.1, steps=4))
-    assert calls and not any(calls)  # gate and up only: no down projection output was made
+    # 3 layers x 4 steps: the first forwards' down projections only; gate and up in forwards and recomputes
+    assert calls.count(True) == 3 * 4 and calls.count(False) == 2 * 2 * 3 * 4
 
 
 def test_recompute_keeps_the_mlp_output_where_it_may_be_read(tok, monkeypatch):
@@ -200,6 +204,7 @@ def test_recompute_keeps_the_mlp_output_where_it_may_be_read(tok, monkeypatch):
         s.prepare(model=model)
         ids = torch.randint(0, len(tok), (2, 12), generator=torch.Generator().manual_seed(0))
         model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-    # gate and up in each of the three recomputes; the down projection's output in the two hooked layers'
-    assert calls.count(False) == 2 * 3 and calls.count(True) == 2
+    # gate and up in each of the three first forwards and recomputes; the down projection's output in the three
+    # first forwards and the two hooked layers' recomputes
+    assert calls.count(False) == 2 * 2 * 3 and calls.count(True) == 3 + 2
     assert len(seen) == 2 and seen[0] == pytest.approx(seen[1])  # the MLP's hook: forward and recompute agree
