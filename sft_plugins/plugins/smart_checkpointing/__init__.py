@@ -12,10 +12,10 @@ The function (``checkpoint.py``, host memory in ``offload.py``) recomputes the l
 layer's input lives on the host in between (side stream, pinned buffers reused every step, copied
 back one layer ahead). Exactness: the same ops run in the recompute, with the RNG and autocast state
 of the forward, so losses and gradients equal those without checkpointing; the lean recompute
-(``lean_mlp``, ``lean_norm``) runs the SwiGLU MLP and the RMSNorms as fused functions with the same
-math, equal up to summation order; ``lean_lora_cast`` skips PEFT's fp32 copy of each LoRA input where
-autocast casts it straight back (the same values). Under FSDP2 the recompute accumulates into the unsharded parameters
-FSDP swaps in, and FSDP reduce-scatters them.
+(``lean_mlp``, also in the layer's first forward, and ``lean_norm``) runs the SwiGLU MLP and the RMSNorms
+as fused functions with the same math, equal up to summation order; ``lean_lora_cast`` skips PEFT's fp32
+copy of each LoRA input where autocast casts it straight back (the same values). Under FSDP2 the
+recompute accumulates into the unsharded parameters FSDP swaps in, and FSDP reduce-scatters them.
 
 torch and transformers are imported inside functions only: listing plugins stays cheap.
 """
