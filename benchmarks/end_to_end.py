@@ -111,6 +111,8 @@ ARMS: dict[str, dict[str, Any]] = {
                                                                           "keep_last_on_gpu": 0}}),
     # ... and the fused RMSNorms in the recompute (no fp32 copies of the norms' inputs)
     "ours_all_lean_recompute": _arm(ours=ALL, options={"smart_checkpointing": LEAN_RECOMPUTE}),
+    # PEFT's own fp32 cast of every LoRA input (smart_checkpointing's lean_lora_cast off): what that option buys
+    "ours_all_peft_lora_cast": _arm(ours=ALL, options={"smart_checkpointing": {"lean_lora_cast": False}}),
     "unsloth_default": _arm("unsloth", peer=True, needs="unsloth"),
     "unsloth_packing": _arm("unsloth", {"packing": True}, peer=True, needs="unsloth"),
     "trl_full_ft": _arm(trl={"optim": "adamw_torch_fused"}, peer=True, lora=False),

@@ -11,7 +11,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 import sft_plugins
 from sft_plugins.plugins.smart_checkpointing.lora_cast import lora_cast_modules
 
-from .helpers import NAME, make_model, sft, with_lora
+from .helpers import NAME, make_model, needs_cuda, sft, with_lora
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,9 +20,9 @@ def _lora_layers(model):
     return [m for layer in model.base_model.model.model.layers for m in lora_cast_modules(layer)]
 
 
-def _autocast_steps(tok, lean: bool, steps: int = 3):
-    """bf16 base, PEFT's fp32 adapters, CPU autocast to bf16: losses, last gradients and the casts PEFT made."""
-    model = with_lora(make_model(tok, layers=2, dtype=torch.bfloat16))
+def _autocast_steps(tok, lean: bool, steps: int = 3, device: str = "cpu"):
+    """bf16 base, PEFT's fp32 adapters, autocast to bf16: losses, last gradients and the casts PEFT made."""
+    model = with_lora(make_model(tok, layers=2, dtype=torch.bfloat16, device=device))
     lora = _lora_layers(model)
     assert lora and all(m.lora_A["default"].weight.dtype == torch.float32 for m in lora)
     casts = []  # the inputs PEFT's own cast turned to fp32
@@ -37,12 +37,13 @@ def _autocast_steps(tok, lean: bool, steps: int = 3):
     gen = torch.Generator().manual_seed(0)
     losses = []
     with pytest.MonkeyPatch.context() as mp, \
-            sft_plugins.compose([NAME], options={NAME: {"offload": "always", "lean_lora_cast": lean}}) as stack:
+            sft_plugins.compose([NAME], options={NAME: {"offload": "always" if device == "cpu" else "auto",
+                                                        "lean_lora_cast": lean}}) as stack:
         mp.setattr(BaseTunerLayer, "_cast_input_dtype", counted)
         stack.prepare(model=model)
         for step in range(steps):
-            ids = torch.randint(0, len(tok), (2, 11 + 5 * step), generator=gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            ids = torch.randint(0, len(tok), (2, 11 + 5 * step), generator=gen).to(device)
+            with torch.autocast(device, dtype=torch.bfloat16):
                 loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()
             losses.append(loss.item())
@@ -65,6 +66,18 @@ def test_autocast_lora_without_the_input_cast_is_bit_identical(tok):
     # lean_mlp there); none of those is left
     assert peft_casts > 3 * len(lora) and casts == 0
     assert all("_cast_input_dtype" not in m.__dict__ for m in lora)  # undone with the stack
+
+
+@needs_cuda
+def test_gpu_autocast_lora_without_the_input_cast_trains_the_same(tok):
+    """On CUDA (offloaded checkpoints, Triton kernels) the casts are skipped too; the same losses and gradients
+    up to the GPU's run-to-run noise (attention backward need not be deterministic)."""
+    peft_losses, peft_grads, peft_casts, _ = _autocast_steps(tok, lean=False, device="cuda")
+    losses, grads, casts, _ = _autocast_steps(tok, lean=True, device="cuda")
+    assert peft_casts > 0 and casts == 0
+    assert losses == pytest.approx(peft_losses, rel=1e-3)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=2e-2, atol=1e-4, msg=name)
 
 
 def test_the_cast_is_peft_s_wherever_it_changes_a_value(tok):
