@@ -242,8 +242,7 @@ def adam8bit_blockwise_step_grouped_(updates: Sequence[Adam8bitUpdate], qmap1: t
         prog_tensor = torch.repeat_interleave(torch.arange(len(group), device=device, dtype=torch.int32), counts,
                                               output_size=total)
         starts = torch.cumsum(counts, 0) - counts
-        prog_block = ((torch.arange(total, device=device) - starts.repeat_interleave(counts, output_size=total))
-                      * _BLOCKS_PER_PROGRAM).to(torch.int32)
+        prog_block = ((torch.arange(total, device=device) - starts[prog_tensor]) * _BLOCKS_PER_PROGRAM).to(torch.int32)
         _adam8bit_grouped_kernel[(total,)](
             _to_device(addr, torch.int64, device), _to_device(consts, torch.float32, device),
             _to_device(numels, torch.int64, device), prog_tensor, prog_block, qmap1, qmap2,

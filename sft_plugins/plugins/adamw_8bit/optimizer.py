@@ -138,7 +138,7 @@ def optimizer_classes() -> dict[bool, type]:
                         self.initialized = True
                     kernels = _cuda_adam_kernels(self.kernel) if self.optimizer_name == "adam" else None
                     device = torch.cuda.current_device() if kernels is not None and torch.cuda.is_available() else None
-                    grouped: list[Any] = []  # the Triton 8-bit updates, launched together after the loop
+                    grouped: dict[tuple[int, int], Any] = {}  # the Triton 8-bit updates by maps, for after the loop
                     for gindex, group in enumerate(self.param_groups):
                         for pindex, p in enumerate(group["params"]):
                             if p.grad is None:
@@ -149,7 +149,7 @@ def optimizer_classes() -> dict[bool, type]:
                                                                   grouped):
                                 self.update_step(group, p, gindex, pindex)
                     if grouped:
-                        _launch_grouped(kernels, self, grouped)
+                        _launch_grouped(kernels, grouped)
                     return loss
 
         Cls.__name__ = Cls.__qualname__ = base.__name__ + "FP32Embeddings"
@@ -187,9 +187,11 @@ def _cuda_adam_kernels(kernel: str = "triton") -> dict[str, Any] | None:
 
 
 def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: Any, gindex: int, pindex: int,
-                 device: int, grouped: list[Any]) -> bool:
+                 device: int, grouped: dict[tuple[int, int], Any]) -> bool:
     """One parameter's Adam update through bitsandbytes' compiled kernel, called directly, or, for an 8-bit
-    state with ``kernel="triton"``, queued on ``grouped`` for :func:`_launch_grouped`.
+    state with ``kernel="triton"``, queued in ``grouped`` under its state's two maps: the step then makes one
+    Triton launch per (dtype pair, maps) for all of them, since with LoRA's hundreds of small adapters one
+    launch each made the step launch-bound.
 
     bitsandbytes' ``update_step`` reaches the same kernel through ~100 us of Python per parameter
     (re-assigning ``.data``/``.grad``, a config dict, an ``is_on_gpu`` scan, the torch.library dispatch,
@@ -221,7 +223,8 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
     f32 = ct.c_float
     common = (f32(betas[0]), f32(betas[1]), f32(0.0), f32(0.0), f32(config["eps"]))
     if bits == "8bit" and kernels["triton"] is not None:
-        grouped.append(kernels["triton_update"](
+        qmap1, qmap2 = state["qmap1"], state["qmap2"]
+        grouped.setdefault((id(qmap1), id(qmap2)), (qmap1, qmap2, []))[2].append(kernels["triton_update"](
             p, grad, state1, state["state2"], state["absmax1"], state["absmax2"], betas[0], betas[1],
             config["eps"], state["step"], config["lr"], config["weight_decay"]))
     elif bits == "8bit":
@@ -238,16 +241,10 @@ def _launch_adam(kernels: dict[str, Any], opt: Any, group: dict[str, Any], p: An
     return True
 
 
-def _launch_grouped(kernels: dict[str, Any], opt: Any, updates: list[Any]) -> None:
-    """The queued 8-bit updates in one Triton launch per (dtype pair, maps): with LoRA's hundreds of small
-    adapters, one launch each made the step launch-bound. Each parameter's maps are its state's."""
-    by_maps: dict[tuple[int, int], tuple[Any, Any, list[Any]]] = {}
-    for u in updates:
-        state = opt.state[u.param]
-        maps = by_maps.setdefault((id(state["qmap1"]), id(state["qmap2"])), (state["qmap1"], state["qmap2"], []))
-        maps[2].append(u)
-    for qmap1, qmap2, group in by_maps.values():
-        kernels["triton"](group, qmap1, qmap2)
+def _launch_grouped(kernels: dict[str, Any], grouped: dict[tuple[int, int], Any]) -> None:
+    """The updates :func:`_launch_adam` queued: one Triton launch per (dtype pair, maps)."""
+    for qmap1, qmap2, updates in grouped.values():
+        kernels["triton"](updates, qmap1, qmap2)
 
 
 def find_optimizer(optimizer: Any) -> Any:

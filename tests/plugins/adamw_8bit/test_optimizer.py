@@ -191,7 +191,8 @@ def test_triton_8bit_updates_go_out_in_one_grouped_launch_per_step(monkeypatch):
     launches = []
     real = optimizer_module._launch_grouped
     monkeypatch.setattr(optimizer_module, "_launch_grouped",
-                        lambda kernels, o, updates: (launches.append(len(updates)), real(kernels, o, updates)))
+                        lambda kernels, grouped: (launches.extend(len(u) for _, _, u in grouped.values()),
+                                                  real(kernels, grouped)))
     for p in params:
         p.grad = torch.randn_like(p) * 0.1
     opt.step()  # creates the state, then steps
