@@ -44,6 +44,11 @@ class Projection:
     loras: list[tuple[int, int, float]] = field(default_factory=list)  # (A index, B index, scaling)
 
 
+def dropout_off(dropout: Any) -> bool:
+    """A PEFT ``lora_dropout`` entry that never drops: ``Identity``, or ``Dropout`` with ``p == 0``."""
+    return isinstance(dropout, torch.nn.Identity) or (isinstance(dropout, torch.nn.Dropout) and dropout.p == 0)
+
+
 def projection(module: Any, tensors: list[torch.Tensor]) -> Projection | None:
     """Appends the projection's tensors to ``tensors``; None when it is not one we can fuse exactly."""
     quantization = quantization_of(module)
@@ -69,8 +74,7 @@ def projection(module: Any, tensors: list[torch.Tensor]) -> Projection | None:
         if name not in module.lora_A:
             continue
         a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-        dropout_off = isinstance(drop, torch.nn.Identity) or (isinstance(drop, torch.nn.Dropout) and drop.p == 0)
-        if (name in getattr(module, "lora_variant", {}) or not dropout_off or type(a) is not torch.nn.Linear
+        if (name in getattr(module, "lora_variant", {}) or not dropout_off(drop) or type(a) is not torch.nn.Linear
                 or type(b) is not torch.nn.Linear or a.bias is not None or b.bias is not None):
             return None
         proj.loras.append((len(tensors), len(tensors) + 1, float(module.scaling[name])))

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from ..shared.lora import dropout_off
+
 _LOW = (torch.bfloat16, torch.float16)
 
 
@@ -35,9 +37,7 @@ def _plain_adapters(module: Any) -> bool:
         if name not in module.lora_A:
             continue
         drop = module.lora_dropout[name]
-        dropout_off = isinstance(drop, torch.nn.Identity) or (
-            isinstance(drop, torch.nn.Dropout) and (drop.p == 0 or not drop.training))
-        if name in variants or not dropout_off:
+        if name in variants or not (dropout_off(drop) or (isinstance(drop, torch.nn.Dropout) and not drop.training)):
             return False
     return True
 
