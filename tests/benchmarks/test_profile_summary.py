@@ -1,4 +1,4 @@
-"""The end-to-end benchmark's summary arithmetic (profile, device busy time, warm-up), on stand-in records (the GPU run is where it is used)."""
+"""The end-to-end benchmark's summary arithmetic (profile, device busy time, warm-up, an arm's expected time), on stand-in records (the GPU run is where it is used)."""
 
 import sys
 from pathlib import Path
@@ -7,6 +7,7 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import _e2e_profile  # noqa: E402
+import end_to_end  # noqa: E402
 
 
 def _event(start_us: float, end_us: float, device: str = "DeviceType.CUDA", annotation: bool = False):
@@ -134,3 +135,12 @@ def test_idle_time_is_charged_to_the_host_scope_that_ended_it_and_the_op_that_be
     assert out["idle_ms_by_op_at_start"] == {"aten::item": 0.1, "Optimizer.step#AdamW.step": 0.03,
                                              "sft_plugins.fused_ce": 0.03}
     assert _e2e_profile.idle_attribution(SimpleNamespace(events=lambda: [_event(0, 10)]), 1) == {}
+
+
+def test_an_arm_is_expected_to_take_as_long_as_finished_arms_of_its_kind():
+    done = [{"kind": "unsloth", "status": "ok", "wall_s": 120.6}, {"kind": "trl", "status": "ok", "wall_s": 40.3},
+            {"kind": "trl", "status": "ok", "wall_s": 44.0}, {"kind": "trl", "status": "skipped"}]
+    # the H100 run where one Unsloth arm's 121 s made the median arm look too long for ours to start
+    assert end_to_end.expected_wall_s(done, "trl") == 44.0
+    assert end_to_end.expected_wall_s(done, "unsloth") == 120.6
+    assert end_to_end.expected_wall_s(done[:1], "trl") == 40.0  # none of its kind finished yet: the default
