@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+from gloo_exit import exit_without_finalization  # beside this script
 from trl import SFTConfig, SFTTrainer
 
 import sft_plugins
@@ -37,9 +38,4 @@ record = {"rank": rank, "world_size": trainer.args.world_size, "names": names,
           "param_sum": float(params.sum()), "param_sq": float((params ** 2).sum()), "fused_lora_layers": fused}
 with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
     json.dump(record, f)
-# Skip interpreter finalization, as train_arms.py does: gloo's C++ worker threads can still hold work items
-# then, and tearing them down aborts a rank now and again after its record is written ("terminate called
-# without an active exception"; pytorch/pytorch#179291). The record is on disk by now.
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(0)
+exit_without_finalization()  # the record is on disk by now

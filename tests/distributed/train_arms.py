@@ -39,13 +39,13 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 import traceback
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from gloo_exit import exit_without_finalization  # beside this script
 
 MODES = ("ddp", "fsdp2", "fsdp2_ac", "fsdp2_head_unit")
 
@@ -283,9 +283,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    # Skip interpreter finalization: gloo's C++ worker threads can still hold work items then, and tearing
-    # them down aborts a rank now and again after every result is written ("terminate called without an
-    # active exception"; pytorch/pytorch#179291 describes the race). The results are on disk by now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_finalization()  # the results are on disk by now
